@@ -1,0 +1,85 @@
+"""The per-step affine chart ``x = weight * s + bias`` that post-LN Transformers put on a sphere.
+
+A post-LN block computes ``x' = weight * LN(x + f(x)) + bias``: normalise onto the base manifold,
+then map through the layer's own affine chart. ``AffineChart(base, weight, bias)`` is that map as a
+geoopt manifold whose points are the chart's image. Its ``projx`` is "normalise, then chart"
+(exactly ``F.layer_norm`` with affine when the base is ``LayerNormSphere``): it maps any ambient
+point onto the image, but it is not idempotent on the image unless the chart is the identity. That
+is the Transformer's retraction, and relaxed Euler with it reproduces a post-LN sublayer exactly.
+"""
+
+from __future__ import annotations
+
+import geoopt
+import torch
+
+__all__ = ["AffineChart"]
+
+
+class AffineChart(geoopt.Manifold):
+    """Image of ``base`` under ``s -> weight * s + bias`` (elementwise, last dimension).
+
+    Args:
+        base: the manifold the chart is laid on (e.g. ``LayerNormSphere``).
+        weight: per-coordinate scale, shape ``(d,)``; must be non-zero.
+        bias: per-coordinate shift, shape ``(d,)``.
+    """
+
+    name = "AffineChart"
+    ndim = 1
+    reversible = False
+
+    def __init__(self, base: geoopt.Manifold, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        if weight.shape != bias.shape or weight.dim() != 1:
+            raise ValueError(
+                f"weight and bias must be 1-D of equal shape, got {tuple(weight.shape)} and "
+                f"{tuple(bias.shape)}"
+            )
+        self.base = base
+        self.weight = weight
+        self.bias = bias
+
+    def to_base(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse chart: the base-manifold point ``(x - bias) / weight``."""
+        return (x - self.bias) / self.weight
+
+    def from_base(self, s: torch.Tensor) -> torch.Tensor:
+        return self.weight * s + self.bias
+
+    def projx(self, x: torch.Tensor) -> torch.Tensor:
+        return self.from_base(self.base.projx(x))
+
+    def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self.projx(x + u)
+
+    def proju(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        # Tangent vectors at x are the chart's pushforward of tangent vectors at to_base(x).
+        return self.weight * self.base.proju(self.to_base(x), u / self.weight)
+
+    egrad2rgrad = proju
+
+    def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self.from_base(self.base.expmap(self.to_base(x), u / self.weight))
+
+    def inner(self, x, u, v=None, *, keepdim=False):
+        # The metric pulled back from the base manifold through the chart.
+        v = u if v is None else v
+        return self.base.inner(self.to_base(x), u / self.weight, v / self.weight, keepdim=keepdim)
+
+    def transp(self, x, y, v):
+        return self.proju(y, v)
+
+    def _check_point_on_manifold(self, x, *, atol=1e-5, rtol=1e-5):
+        return self.base._check_point_on_manifold(self.to_base(x), atol=atol, rtol=rtol)
+
+    def _check_vector_on_tangent(self, x, u, *, atol=1e-5, rtol=1e-5):
+        return self.base._check_vector_on_tangent(
+            self.to_base(x), u / self.weight, atol=atol, rtol=rtol
+        )
+
+    def random(self, *size, dtype=None, device=None):
+        return self.from_base(self.base.random(*size, dtype=dtype, device=device))
+
+    def extra_repr(self):
+        return f"base={self.base!r}, dim={self.weight.shape[0]}"

@@ -1,0 +1,58 @@
+"""Runge-Kutta-Munthe-Kaas: the same tableaus, stepping through a Lie-group action."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .runge_kutta import combine
+from .tableau import ButcherTableau
+
+__all__ = ["RKMK"]
+
+
+class RKMK:
+    """Runge-Kutta-Munthe-Kaas method (Munthe-Kaas 1999) over an SO(n) action.
+
+    With ``k_i = generator(x_i, f(t_i, x_i))`` the skew generator of the field at stage ``i``:
+
+        theta_i = h sum_j a_ij dexpinv(theta_j, k_j),   x_i = exp(theta_i) x,
+        x_new   = exp(h sum_i b_i dexpinv(theta_i, k_i)) x.
+
+    The state moves only by group elements, so it stays on the manifold by construction (a final
+    ``projx`` removes float rounding). Order = the tableau's order when ``dexpinv`` keeps its
+    Bernoulli terms up to ``ad^(order-2)``, which this class does. No error estimate.
+
+    Args:
+        tableau: an explicit tableau (Heun gives RKMK2, classic RK4 gives RKMK4).
+        action: e.g. ``manifolds.SphereAction``; its ``manifold`` is where the state lives.
+    """
+
+    adaptive = False
+
+    def __init__(self, tableau: ButcherTableau, action):
+        self.tableau = tableau
+        self.action = action
+
+    @property
+    def order(self) -> int:
+        return self.tableau.order
+
+    def __repr__(self):
+        return f"RKMK({self.tableau.name}, action={type(self.action).__name__})"
+
+    def step(self, f: Callable, t: float, x: torch.Tensor, h: float, manifold, k_first=None):
+        """Advance one step; same contract as ``RungeKutta.step`` (no error, no FSAL)."""
+        tab, act = self.tableau, self.action
+        ks = []  # dexpinv-corrected generators
+        for i in range(tab.stages):
+            ti = torch.tensor(t + tab.c[i] * h, dtype=x.dtype)
+            if i == 0:
+                ks.append(act.generator(x, f(ti, x)))
+                continue
+            theta = combine(None, ks, tab.a[i], h)
+            xi = act.act(act.exp(theta), x)
+            ks.append(act.dexpinv(theta, act.generator(xi, f(ti, xi)), tab.order))
+        theta = combine(None, ks, tab.b, h)
+        return manifold.projx(act.act(act.exp(theta), x)), None, None

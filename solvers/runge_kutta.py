@@ -1,0 +1,104 @@
+"""The one stepping loop for every explicit Runge-Kutta tableau, on any geoopt manifold."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .tableau import ButcherTableau
+
+__all__ = ["RungeKutta", "combine"]
+
+MODES = ("strict", "relaxed")
+
+
+def combine(x: torch.Tensor | None, ks: list, weights, h: float) -> torch.Tensor:
+    """``x + h * sum_j weights[j] * ks[j]`` skipping zero weights (``x`` None means 0)."""
+    out = x
+    for k, w in zip(ks, weights):
+        if w:
+            out = k * (h * w) if out is None else torch.add(out, k, alpha=h * w)
+    return torch.zeros_like(ks[0]) if out is None else out
+
+
+class RungeKutta:
+    """Explicit Runge-Kutta on a manifold: ambient stages, one retraction per step.
+
+    Stage ``i`` evaluates the field at ``x + h sum_j a_ij k_j`` (in the ambient space, which keeps
+    the tableau's order: retracting each stage would cost order on curved manifolds); the step
+    ends with ``retr(x, h sum_i b_i k_i)``.
+
+    Modes:
+        strict: every field value is projected onto the tangent space where it was evaluated
+            (``k = proju(x_i, f(t_i, x_i))``). The method keeps its order for the projected flow.
+        relaxed: field values are used as they come, ``retr(x, h f(x))``: the Transformer's
+            residual-then-normalise. It keeps the tableau's order when ``f`` is tangent (or its
+            normal part vanishes); otherwise the normal part of ``f`` rescales the step and the
+            result is first order in ``h`` for the projected flow -- a new architecture, not a
+            more accurate integrator.
+
+    With an embedded tableau the step also returns a local error estimate ``h sum (b - b_low) k``
+    projected onto the tangent space at ``x``.
+
+    Args:
+        tableau: the Butcher tableau.
+        mode: "strict" or "relaxed".
+    """
+
+    def __init__(self, tableau: ButcherTableau, mode: str = "strict"):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        self.tableau = tableau
+        self.mode = mode
+
+    @property
+    def order(self) -> int:
+        return self.tableau.order
+
+    @property
+    def adaptive(self) -> bool:
+        return self.tableau.b_low is not None
+
+    def __repr__(self):
+        return f"RungeKutta({self.tableau.name}, mode={self.mode!r})"
+
+    def eval_field(self, f: Callable, t, x, manifold):
+        """The field value a stage uses: projected onto the tangent space in strict mode."""
+        k = f(t, x)
+        return manifold.proju(x, k) if self.mode == "strict" else k
+
+    def step(self, f: Callable, t: float, x: torch.Tensor, h: float, manifold, k_first=None):
+        """Advance one step.
+
+        Args:
+            f: the field ``f(t, x)`` (``t`` a 0-dim tensor).
+            t: the step's start time.
+            x: the state at ``t`` (on the manifold).
+            h: the step size (negative integrates backwards).
+            manifold: a geoopt manifold.
+            k_first: the (projected) field at ``(t, x)`` if already known (FSAL).
+
+        Returns:
+            ``(x_new, error or None, k_last or None)``; ``k_last`` is the field at the new state
+            for FSAL tableaus.
+        """
+        tab = self.tableau
+        ks = []
+        x_new = None
+        for i in range(tab.stages):
+            ti = torch.tensor(t + tab.c[i] * h, dtype=x.dtype)
+            if i == 0:
+                ks.append(self.eval_field(f, ti, x, manifold) if k_first is None else k_first)
+                continue
+            if tab.fsal and i == tab.stages - 1:
+                x_new = manifold.retr(x, combine(None, ks, tab.b, h))
+                ks.append(self.eval_field(f, ti, x_new, manifold))
+                continue
+            ks.append(self.eval_field(f, ti, combine(x, ks, tab.a[i], h), manifold))
+        if x_new is None:
+            x_new = manifold.retr(x, combine(None, ks, tab.b, h))
+        error = None
+        if tab.b_low is not None:
+            error = manifold.proju(x, combine(None, ks, tab.b_err, h))
+        return x_new, error, (ks[-1] if tab.fsal else None)

@@ -1,0 +1,1 @@
+"""svflow-ode: Score-based Variational Flow -- Transformers as manifold ODEs."""
