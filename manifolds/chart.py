@@ -37,8 +37,13 @@ class AffineChart(geoopt.Manifold):
                 f"{tuple(bias.shape)}"
             )
         self.base = base
-        self.weight = weight
-        self.bias = bias
+        # Parameters train with the model; plain tensors (a fixed zero shift, an interpolated
+        # chart) are buffers so that .to(dtype/device) moves them too.
+        for name, value in (("weight", weight), ("bias", bias)):
+            if isinstance(value, torch.nn.Parameter):
+                self.register_parameter(name, value)
+            else:
+                self.register_buffer(name, value)
 
     def to_base(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse chart: the base-manifold point ``(x - bias) / weight``."""

@@ -48,8 +48,9 @@ class Sphere(geoopt.Sphere):
 
     def projx(self, x: torch.Tensor) -> torch.Tensor:
         x = self._project_on_subspace(x)
-        r = self.r(x)
-        return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / r**2 + self.eps)
+        if self.radius is None:
+            return F.rms_norm(x, x.shape[-1:], eps=self.eps)  # fused, and RMSNorm to the bit
+        return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / self.radius**2 + self.eps)
 
     def proju(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         r = self.r(x)

@@ -16,6 +16,7 @@ from .lie_group import RKMK
 from .odeint import METHODS, make_solver, odeint, odeint_adjoint, register_torchdiffeq
 from .runge_kutta import RungeKutta
 from .solve import Solution, SolveStats, integrate
+from .splitting import SCHEMES, split_step
 from .tableau import BOSH3, DOPRI5, EULER, HEUN, MIDPOINT, RK4, ButcherTableau
 
 register_torchdiffeq()
@@ -24,6 +25,6 @@ __all__ = [
     "BOSH3", "DOPRI5", "EULER", "HEUN", "MIDPOINT", "RK4", "ButcherTableau",
     "ConstantStepSize", "PIController", "RKMK", "RungeKutta",
     "METHODS", "make_solver", "odeint", "odeint_adjoint", "register_torchdiffeq",
-    "Solution", "SolveStats", "integrate",
+    "Solution", "SolveStats", "integrate", "SCHEMES", "split_step",
     "NonFiniteError", "OffManifoldError", "SolverError", "StepSizeError",
 ]

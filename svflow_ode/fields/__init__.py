@@ -1,0 +1,12 @@
+"""SVFlow vector fields: ``nn.Module``s with ``forward(t, x, **context)``."""
+
+from .attention import AttentionField, attention_bias, rotary
+from .compose import Interpolated, NGPTField, PreNorm, SumField, locate
+from .ffn import FFNField, SwiGLUField
+from .gaussian import GaussianMixtureField
+from .moe import MoEField
+
+__all__ = [
+    "AttentionField", "FFNField", "GaussianMixtureField", "Interpolated", "MoEField", "NGPTField",
+    "PreNorm", "SumField", "SwiGLUField", "attention_bias", "locate", "rotary",
+]

@@ -1,0 +1,157 @@
+"""Building SVFlow language models from a handful of choices (the Transformer zoo as manifolds).
+
+Norm placements, as manifolds and fields (PAPER.md section 4):
+
+- ``post_ln``: the state on the LayerNorm sphere with each substep's affine chart (BERT);
+- ``post_rms``: the state on the sphere of radius sqrt(d) with an RMSNorm gain as the chart;
+- ``sphere``: the plain sphere of radius sqrt(d), no chart (SVFlow as the paper states it);
+- ``pre_ln`` / ``pre_rms``: a Euclidean state, each field read at the normalised point (GPT-2,
+  Llama), and a final norm;
+- ``ngpt``: nGPT's normalised update ``Norm(x + alpha (Norm(f(x)) - x))`` on the sphere.
+"""
+
+from __future__ import annotations
+
+import geoopt
+import torch
+from torch import nn
+
+from manifolds import AffineChart, LayerNormSphere, Sphere
+
+from .fields import AttentionField, FFNField, NGPTField, PreNorm
+from .model import Block, SVFlow, Term
+
+__all__ = ["NORMS", "TokenEmbedding", "SVFlowLM"]
+
+NORMS = ("post_ln", "post_rms", "sphere", "pre_ln", "pre_rms", "ngpt")
+
+
+class TokenEmbedding(nn.Module):
+    """Token plus learned position embeddings, optionally normalised onto the first manifold.
+
+    Args:
+        vocab_size: number of tokens.
+        d_model: state dimension.
+        max_len: longest sequence.
+        normalise: module applied to the sum (e.g. a LayerNorm), or None.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, max_len: int, normalise: nn.Module | None = None):
+        super().__init__()
+        self.vocab_size, self.max_len = vocab_size, max_len
+        self.tokens = nn.Embedding(vocab_size, d_model)
+        self.positions = nn.Embedding(max_len, d_model)
+        self.normalise = normalise
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        B, T = input_ids.shape
+        if T > self.max_len:
+            raise ValueError(f"sequence length {T} exceeds max_len {self.max_len}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got range [{lo}, {hi}]")
+        x = self.tokens(input_ids) + self.positions(torch.arange(T, device=input_ids.device))  # (B, T, d)
+        return x if self.normalise is None else self.normalise(x)
+
+
+class _Projection(nn.Module):
+    """A manifold's ``projx`` as a module (the embedding's normalisation onto a sphere)."""
+
+    def __init__(self, manifold):
+        super().__init__()
+        self.manifold = manifold
+
+    def forward(self, x):
+        return self.manifold.projx(x)
+
+
+def _layer(norm: str, d: int, n_heads: int, d_ff: int, causal: bool, eps: float) -> Block:
+    fields = [AttentionField(d, n_heads, causal=causal), FFNField(d, d_ff)]
+    if norm == "post_ln":
+        return Block(*(Term(f, AffineChart(LayerNormSphere(eps), nn.Parameter(torch.ones(d)),
+                                           nn.Parameter(torch.zeros(d)))) for f in fields))
+    if norm == "post_rms":
+        # RMSNorm has a gain and no shift: the chart's bias is a fixed zero.
+        return Block(*(Term(f, AffineChart(Sphere(None, eps), nn.Parameter(torch.ones(d)), torch.zeros(d)))
+                       for f in fields))
+    if norm == "sphere":
+        return Block(*(Term(f, Sphere(None, eps)) for f in fields))
+    if norm == "ngpt":
+        sphere = Sphere(None, eps)
+        return Block(*(Term(NGPTField(f, sphere, d), sphere) for f in fields))
+    make_norm = (lambda: nn.LayerNorm(d, eps=eps)) if norm == "pre_ln" else (lambda: nn.RMSNorm(d, eps=eps))
+    return Block(*(Term(PreNorm(make_norm(), f), geoopt.Euclidean(ndim=1)) for f in fields))
+
+
+class SVFlowLM(SVFlow):
+    """A character/token language model as an SVFlow (nanoGPT-sized by default).
+
+    Args:
+        vocab_size: vocabulary size.
+        d_model: state dimension.
+        n_heads: attention heads.
+        n_layers: parameter sets (blocks); with ``time="shared"`` the depth of the one shared set.
+        d_ff: FFN width (default ``4 * d_model``).
+        max_len: context length.
+        norm: one of ``NORMS`` (see the module docstring).
+        time: "per_step", "shared" or "continuous" parameters.
+        method: default solver (``solvers.METHODS``).
+        steps: default step count (default ``n_layers``).
+        splitting: "lie", "strang" or "none".
+        mode: "relaxed" or "strict".
+        gradient: "backprop" or "checkpoint".
+        causal: causal attention (a language model) or not.
+        eps: epsilon of every normalisation.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 128,
+        n_heads: int = 4,
+        n_layers: int = 4,
+        d_ff: int | None = None,
+        max_len: int = 64,
+        norm: str = "post_ln",
+        time: str = "per_step",
+        method: str = "euler",
+        steps: int | None = None,
+        splitting: str = "lie",
+        mode: str = "relaxed",
+        gradient: str = "backprop",
+        causal: bool = True,
+        eps: float = 1e-5,
+    ):
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        d_ff = 4 * d_model if d_ff is None else d_ff
+        n_blocks = 1 if time == "shared" else n_layers
+        blocks = [_layer(norm, d_model, n_heads, d_ff, causal, eps) for _ in range(n_blocks)]
+        if norm == "post_ln":
+            normalise = nn.LayerNorm(d_model, eps=eps)
+        elif norm in ("post_rms", "sphere", "ngpt"):
+            normalise = _Projection(Sphere(None, eps))
+        else:
+            normalise = None
+        embed = TokenEmbedding(vocab_size, d_model, max_len, normalise)
+        final_norm = {"pre_ln": nn.LayerNorm(d_model, eps=eps), "pre_rms": nn.RMSNorm(d_model, eps=eps)}.get(norm)
+        head = nn.Linear(d_model, vocab_size, bias=False)
+        head.weight = embed.tokens.weight  # tied, as in nanoGPT
+        super().__init__(
+            embed, blocks, time=time, depth=n_layers if time == "shared" else None, method=method,
+            steps=steps, mode=mode, splitting=splitting, gradient=gradient, final_norm=final_norm,
+            head=head,
+        )
+        self.vocab_size, self.max_len, self.norm = vocab_size, max_len, norm
+        _init_weights(self)
+
+
+def _init_weights(model: nn.Module) -> None:
+    # nanoGPT's initialisation: N(0, 0.02) for linear and embedding weights, zero biases.
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)

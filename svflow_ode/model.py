@@ -1,0 +1,211 @@
+"""The SVFlow model: embeddings -> a state on a manifold -> integrate with any solver -> readout.
+
+A block is a list of terms, each a field and the manifold its substep retracts onto (post-LN:
+``AffineChart(LayerNormSphere, gamma, beta)``; pre-norm: ``Euclidean`` with a ``PreNorm`` field).
+The flow runs over ``t in [0, T]`` with ``T`` the number of parameter sets (or ``depth`` when
+they are shared), so the default, one Euler step per block, has ``h = 1``: a Transformer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import geoopt
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from manifolds import AffineChart
+from solvers import SCHEMES, SolveStats, make_solver, split_step
+
+from .fields import Interpolated, SumField, locate
+
+__all__ = ["Term", "Block", "SVFlow", "SVFlowOutput", "TIME_MODES", "SPLITTINGS"]
+
+TIME_MODES = ("per_step", "shared", "continuous")
+SPLITTINGS = SCHEMES + ("none",)
+
+
+class Term(nn.Module):
+    """One substep of a block: a field and the manifold its step retracts onto."""
+
+    def __init__(self, field: nn.Module, manifold: geoopt.Manifold):
+        super().__init__()
+        self.field = field
+        self.manifold = manifold
+
+
+class Block(nn.Module):
+    """The terms integrated in one unit of time (attention then FFN, for a Transformer layer)."""
+
+    def __init__(self, *terms: Term):
+        super().__init__()
+        self.terms = nn.ModuleList(terms)
+
+
+@dataclass
+class SVFlowOutput:
+    """What a forward pass returns.
+
+    ``hidden_states`` holds the embedding output and the state after every step (with the
+    default one step per block: aligned with transformers' ``output_hidden_states``; the last
+    entry is after ``final_norm`` when the model has one, as in transformers).
+    """
+
+    last_hidden_state: torch.Tensor  # (B, T, d)
+    hidden_states: tuple  # steps + 1 tensors (B, T, d)
+    logits: torch.Tensor | None  # (B, T, vocab) when the model has a head
+    stats: SolveStats
+
+
+def chart_at(manifolds: Sequence[geoopt.Manifold], t: float) -> geoopt.Manifold:
+    """The manifold at time ``t`` for continuous-in-time parameters: affine charts interpolate."""
+    k, w = locate(t, len(manifolds))
+    if w == 0.0 or not isinstance(manifolds[k], AffineChart):
+        return manifolds[k]
+    left, right = manifolds[k], manifolds[k + 1]
+    return AffineChart(left.base, torch.lerp(left.weight, right.weight, w), torch.lerp(left.bias, right.bias, w))
+
+
+class SVFlow(nn.Module):
+    """An SVFlow network.
+
+    Args:
+        embed: module mapping ``input_ids`` ``(B, T)`` to the initial state ``(B, T, d)``.
+        blocks: the parameter sets (one per layer; one when ``time="shared"``).
+        time: "per_step" (piecewise constant in t: block k on ``[k, k+1)``), "continuous"
+            (parameters interpolated linearly between blocks at integer times) or "shared"
+            (one block for all t: an autonomous field).
+        depth: the horizon ``T`` for ``time="shared"`` (and its default step count).
+        method: default solver name (``solvers.METHODS``).
+        steps: default number of steps (default: one per unit of time).
+        mode: "relaxed" (``retr(x + h f)``, the Transformer's form) or "strict".
+        splitting: "lie" (a Transformer block: each term a full substep), "strang", or "none"
+            (one step of the summed field, retracted onto the last term's manifold).
+        gradient: "backprop" or "checkpoint" (recompute each step in the backward pass).
+        final_norm: applied to the last state (pre-norm models), or None.
+        head: readout from the last state to logits, or None.
+    """
+
+    def __init__(
+        self,
+        embed: nn.Module,
+        blocks: Sequence[Block],
+        *,
+        time: str = "per_step",
+        depth: int | None = None,
+        method: str = "euler",
+        steps: int | None = None,
+        mode: str = "relaxed",
+        splitting: str = "lie",
+        gradient: str = "backprop",
+        final_norm: nn.Module | None = None,
+        head: nn.Module | None = None,
+    ):
+        super().__init__()
+        if time not in TIME_MODES:
+            raise ValueError(f"unknown time mode {time!r}; expected one of {TIME_MODES}")
+        if splitting not in SPLITTINGS:
+            raise ValueError(f"unknown splitting {splitting!r}; expected one of {SPLITTINGS}")
+        if gradient not in ("backprop", "checkpoint"):
+            raise ValueError(f"unknown gradient mode {gradient!r}; expected 'backprop' or 'checkpoint'")
+        if not blocks:
+            raise ValueError("an SVFlow needs at least one block")
+        if time == "shared" and len(blocks) != 1:
+            raise ValueError(f"time='shared' takes exactly one block, got {len(blocks)}")
+        if time == "shared" and depth is None:
+            raise ValueError("time='shared' needs depth (the horizon T)")
+        self.embed = embed
+        self.blocks = nn.ModuleList(blocks)
+        self.time, self.mode, self.splitting, self.gradient = time, mode, splitting, gradient
+        self.horizon = depth if time == "shared" else len(blocks)
+        self.method = method
+        self.steps = self.horizon if steps is None else steps
+        self.final_norm = final_norm
+        self.head = head
+        make_solver(method, self.blocks[0].terms[0].manifold, mode)  # fail early on bad names
+        self._check_steps(self.steps)
+
+    def _check_steps(self, steps: int) -> None:
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps}")
+        if self.time == "per_step" and steps % len(self.blocks):
+            raise ValueError(
+                f"with per-step parameters, steps ({steps}) must be a multiple of the number of "
+                f"blocks ({len(self.blocks)}); use time='continuous' for any step count"
+            )
+
+    def _terms(self, n: int, steps: int, context: dict, stats: SolveStats):
+        """``(f, manifold)`` per term for step ``n`` of ``steps``; ``f`` counts its evaluations."""
+        if self.time == "continuous" and len(self.blocks) > 1:
+            t = n * self.horizon / steps
+            columns = list(zip(*(b.terms for b in self.blocks)))  # per term: its K parameter sets
+            fields = [Interpolated([term.field for term in col]) for col in columns]
+            manifolds = [chart_at([term.manifold for term in col], t) for col in columns]
+        else:
+            block = self.blocks[n * len(self.blocks) // steps if self.time == "per_step" else 0]
+            fields = [term.field for term in block.terms]
+            manifolds = [term.manifold for term in block.terms]
+        if self.splitting == "none":
+            fields, manifolds = [SumField(*fields)], manifolds[-1:]
+
+        def bind(field):
+            def f(t, x):
+                stats.nfe += 1
+                return field(t, x, **context)
+
+            return f
+
+        return [(bind(f), m) for f, m in zip(fields, manifolds)]
+
+    def flow(self, x: torch.Tensor, *, method: str, steps: int, context: dict):
+        """Integrate from the embedded state; returns the state at every step and the stats."""
+        self._check_steps(steps)
+        solver = make_solver(method, self.blocks[0].terms[0].manifold, self.mode)
+        scheme = "lie" if self.splitting == "none" else self.splitting
+        stats = SolveStats()
+        h = self.horizon / steps
+        states = [x]
+        for n in range(steps):
+            terms = self._terms(n, steps, context, stats)
+            if self.gradient == "checkpoint" and torch.is_grad_enabled():
+                x = checkpoint(split_step, solver, terms, n * h, x, h, scheme, use_reentrant=False)
+            else:
+                x = split_step(solver, terms, n * h, x, h, scheme)
+            stats.steps += 1
+            states.append(x)
+        return states, stats
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        method: str | None = None,
+        steps: int | None = None,
+    ) -> SVFlowOutput:
+        """Run the flow.
+
+        Args:
+            input_ids: ``(B, T)`` token ids.
+            attention_mask: ``(B, T)``, 1 for tokens and 0 for padding, or None.
+            method: solver name (default: the model's).
+            steps: number of steps (default: the model's).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids "
+                f"{tuple(input_ids.shape)}"
+            )
+        context = {} if attention_mask is None else {"attention_mask": attention_mask}
+        x = self.embed(input_ids)
+        states, stats = self.flow(
+            x, method=method or self.method, steps=steps or self.steps, context=context
+        )
+        if self.final_norm is not None:
+            states[-1] = self.final_norm(states[-1])
+        logits = None if self.head is None else self.head(states[-1])
+        return SVFlowOutput(states[-1], tuple(states), logits, stats)
