@@ -52,6 +52,10 @@ class Sphere(geoopt.Sphere):
             return F.rms_norm(x, x.shape[-1:], eps=self.eps)  # fused, and RMSNorm to the bit
         return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / self.radius**2 + self.eps)
 
+    def projx_affine(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``weight * projx(x) + bias`` (what ``AffineChart`` computes), fused where torch can."""
+        return torch.addcmul(bias, self.projx(x), weight)
+
     def proju(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         r = self.r(x)
         return super().proju(x / r, u)
@@ -107,6 +111,9 @@ class LayerNormSphere(Sphere):
 
     def projx(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:], eps=self.eps)
+
+    def projx_affine(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps=self.eps)  # nn.LayerNorm exactly
 
     def _check_point_on_manifold(self, x, *, atol=1e-5, rtol=1e-5):
         mean = x.mean(-1).abs().max()

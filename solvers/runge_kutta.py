@@ -18,7 +18,10 @@ def combine(x: torch.Tensor | None, ks: list, weights, h: float) -> torch.Tensor
     out = x
     for k, w in zip(ks, weights):
         if w:
-            out = k * (h * w) if out is None else torch.add(out, k, alpha=h * w)
+            if out is None:
+                out = k if h * w == 1.0 else k * (h * w)  # h = 1 is a Transformer's residual
+            else:
+                out = torch.add(out, k, alpha=h * w)
     return torch.zeros_like(ks[0]) if out is None else out
 
 

@@ -20,11 +20,14 @@ from torch import nn
 __all__ = ["AttentionField", "rotary", "attention_bias"]
 
 
-def rotary(x: torch.Tensor, theta: float, offset: int = 0) -> torch.Tensor:
-    """Rotary position embedding (half-split convention of GPT-NeoX/Llama) on ``(B, H, T, hs)``."""
+def rotary(x: torch.Tensor, theta: float, offset: int = 0, dtype=torch.float64) -> torch.Tensor:
+    """Rotary position embedding (half-split convention of GPT-NeoX/Llama) on ``(B, H, T, hs)``.
+
+    ``dtype`` is the precision of the angles and their cos/sin (transformers uses float32).
+    """
     T, hs = x.shape[-2], x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, hs, 2, dtype=torch.float64, device=x.device) / hs)
-    angles = torch.arange(offset, offset + T, dtype=torch.float64, device=x.device)[:, None] * inv_freq
+    inv_freq = 1.0 / theta ** (torch.arange(0, hs, 2, dtype=dtype, device=x.device) / hs)
+    angles = torch.arange(offset, offset + T, dtype=dtype, device=x.device)[:, None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)  # (T, hs)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x[..., : hs // 2], x[..., hs // 2 :]
@@ -63,6 +66,8 @@ class AttentionField(nn.Module):
         out_bias: bias on the output projection (default: same as ``bias``).
         causal: mask future tokens.
         rope_theta: base of rotary position embeddings, or None for none.
+        rope_dtype: precision of the rotary angles (float32 reproduces transformers' Llama/Qwen2
+            bit for bit, whatever the model's dtype).
     """
 
     def __init__(
@@ -75,6 +80,7 @@ class AttentionField(nn.Module):
         out_bias: bool | None = None,
         causal: bool = False,
         rope_theta: float | None = None,
+        rope_dtype: torch.dtype = torch.float64,
     ):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
@@ -82,7 +88,7 @@ class AttentionField(nn.Module):
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.causal, self.rope_theta = causal, rope_theta
+        self.causal, self.rope_theta, self.rope_dtype = causal, rope_theta, rope_dtype
         self.q = nn.Linear(d_model, n_heads * head_dim, bias=bias)
         self.k = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
         self.v = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
@@ -90,11 +96,21 @@ class AttentionField(nn.Module):
 
     def _qkv(self, x: torch.Tensor):
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        # One matmul for q, k and v (markedly faster than three on CPU); the weights stay three
+        # modules so that checkpoints and conversions map one-to-one.
+        biases = (self.q.bias, self.k.bias, self.v.bias)
+        qkv = F.linear(
+            x,
+            torch.cat((self.q.weight, self.k.weight, self.v.weight)),
+            None if biases[0] is None else torch.cat(biases),
+        )
+        q, k, v = qkv.split((self.q.out_features, self.k.out_features, self.v.out_features), dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         if self.rope_theta is not None:
-            q, k = rotary(q, self.rope_theta), rotary(k, self.rope_theta)
+            q = rotary(q, self.rope_theta, dtype=self.rope_dtype)
+            k = rotary(k, self.rope_theta, dtype=self.rope_dtype)
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, T, hs)
