@@ -74,10 +74,11 @@ def _layer(norm: str, d: int, n_heads: int, d_ff: int, causal: bool, eps: float)
         # RMSNorm has a gain and no shift: the chart's bias is a fixed zero.
         return Block(*(Term(f, AffineChart(Sphere(None, eps), nn.Parameter(torch.ones(d)), torch.zeros(d)))
                        for f in fields))
+    # The pure spheres keep eps = 0: their states lie exactly on the sphere.
     if norm == "sphere":
-        return Block(*(Term(f, Sphere(None, eps)) for f in fields))
+        return Block(*(Term(f, Sphere(None)) for f in fields))
     if norm == "ngpt":
-        sphere = Sphere(None, eps)
+        sphere = Sphere(None)
         return Block(*(Term(NGPTField(f, sphere, d), sphere) for f in fields))
     make_norm = (lambda: nn.LayerNorm(d, eps=eps)) if norm == "pre_ln" else (lambda: nn.RMSNorm(d, eps=eps))
     return Block(*(Term(PreNorm(make_norm(), f), geoopt.Euclidean(ndim=1)) for f in fields))
@@ -131,8 +132,10 @@ class SVFlowLM(SVFlow):
         blocks = [_layer(norm, d_model, n_heads, d_ff, causal, eps) for _ in range(n_blocks)]
         if norm == "post_ln":
             normalise = nn.LayerNorm(d_model, eps=eps)
-        elif norm in ("post_rms", "sphere", "ngpt"):
+        elif norm == "post_rms":
             normalise = _Projection(Sphere(None, eps))
+        elif norm in ("sphere", "ngpt"):
+            normalise = _Projection(Sphere(None))
         else:
             normalise = None
         embed = TokenEmbedding(vocab_size, d_model, max_len, normalise)

@@ -203,7 +203,10 @@ class SVFlow(nn.Module):
         context = {} if attention_mask is None else {"attention_mask": attention_mask}
         x = self.embed(input_ids)
         states, stats = self.flow(
-            x, method=method or self.method, steps=steps or self.steps, context=context
+            x,
+            method=self.method if method is None else method,
+            steps=self.steps if steps is None else steps,
+            context=context,
         )
         if self.final_norm is not None:
             states[-1] = self.final_norm(states[-1])

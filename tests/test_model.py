@@ -1,0 +1,105 @@
+"""The SVFlow model: time dependence, splitting, gradient modes, statistics and bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+import geoopt
+from solvers import RK4, RungeKutta, split_step
+from svflow_ode.lm import NORMS, SVFlowLM
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def _lm(**kw):
+    return SVFlowLM(**{"vocab_size": 20, "d_model": 16, "n_heads": 2, "n_layers": 3, "max_len": 8, **kw})
+
+
+def test_continuous_parameters_reproduce_the_per_step_stack_at_unit_steps():
+    per_step = _lm(time="per_step")
+    continuous = _lm(time="continuous")
+    continuous.load_state_dict(per_step.state_dict())
+    ids = torch.randint(0, 20, (2, 8))
+    a, b = per_step(ids), continuous(ids)
+    for x, y in zip(a.hidden_states, b.hidden_states):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    # Between the nodes the continuous model is a different (interpolated) field.
+    assert not torch.allclose(per_step(ids, steps=6).logits, continuous(ids, steps=6).logits)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("time", ["per_step", "shared", "continuous"])
+def test_every_norm_and_time_mode_runs_with_rk4_and_counts_evaluations(norm, time):
+    model = _lm(norm=norm, time=time)
+    out = model(torch.randint(0, 20, (2, 8)), method="rk4", steps=6)
+    assert out.logits.shape == (2, 8, 20) and torch.isfinite(out.logits).all()
+    assert len(out.hidden_states) == 7
+    assert out.stats.steps == 6 and out.stats.nfe == 6 * 2 * 4  # steps x terms x stages
+
+
+def test_strang_splitting_is_second_order_and_lie_first():
+    # x' = (A + B) x with non-commuting A, B; each term is integrated exactly enough by RK4.
+    torch.manual_seed(0)
+    A, B = torch.randn(4, 4), torch.randn(4, 4)
+    x0 = torch.randn(4)
+    exact = torch.linalg.matrix_exp(A + B) @ x0
+    solver, euclid = RungeKutta(RK4), geoopt.Euclidean(ndim=1)
+    terms = [(lambda t, x: x @ A.T, euclid), (lambda t, x: x @ B.T, euclid)]
+    hs = [1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 128]
+    for scheme, order in (("lie", 1), ("strang", 2)):
+        errs = []
+        for h in hs:
+            x = x0
+            for n in range(round(1 / h)):
+                x = split_step(solver, terms, n * h, x, h, scheme)
+            errs.append((x - exact).norm().item())
+        fitted = np.polyfit(np.log(hs), np.log(errs), 1)[0]
+        assert abs(fitted - order) < 0.3, (scheme, fitted)
+
+
+def test_checkpointed_gradients_equal_backprop():
+    model = _lm(norm="post_ln")
+    ids = torch.randint(0, 20, (2, 8))
+    grads = []
+    for mode in ("backprop", "checkpoint"):
+        model.gradient = mode
+        model.zero_grad()
+        model(ids, method="heun", steps=3).logits.square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for g1, g2 in zip(*grads):
+        torch.testing.assert_close(g1, g2, rtol=0, atol=1e-12)
+
+
+def test_bad_configuration_and_input_fail_clearly():
+    with pytest.raises(ValueError, match="multiple of the number of blocks"):
+        _lm(time="per_step", steps=4)
+    with pytest.raises(ValueError, match="unknown method 'rk5'; known methods: euler"):
+        _lm(method="rk5")
+    with pytest.raises(ValueError, match="Lie-group methods need"):
+        _lm(norm="post_ln", method="rkmk4")
+    with pytest.raises(ValueError, match="unknown norm"):
+        _lm(norm="batchnorm")
+    with pytest.raises(ValueError, match="unknown time mode"):
+        _lm(time="sometimes")
+    model = _lm()
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        model(torch.full((1, 4), 20))
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        model(torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        model(torch.zeros(1, 4, dtype=torch.long), steps=0)
+
+
+def test_rkmk_on_the_sphere_keeps_every_state_on_it():
+    model = _lm(norm="sphere", time="continuous", method="rkmk4")
+    out = model(torch.randint(0, 20, (2, 8)), steps=5)
+    for x in out.hidden_states:
+        torch.testing.assert_close(x.norm(dim=-1), torch.full(x.shape[:-1], 4.0), rtol=0, atol=1e-12)
