@@ -103,6 +103,7 @@ class SVFlowLM(SVFlow):
         gradient: "backprop" or "checkpoint".
         causal: causal attention (a language model) or not.
         eps: epsilon of every normalisation.
+        rtol, atol, max_nfe: adaptive methods' tolerances and evaluation cap.
     """
 
     def __init__(
@@ -122,6 +123,9 @@ class SVFlowLM(SVFlow):
         gradient: str = "backprop",
         causal: bool = True,
         eps: float = 1e-5,
+        rtol: float = 1e-3,
+        atol: float = 1e-3,
+        max_nfe: int = 1000,
     ):
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
@@ -144,8 +148,8 @@ class SVFlowLM(SVFlow):
         head.weight = embed.tokens.weight  # tied, as in nanoGPT
         super().__init__(
             embed, blocks, time=time, depth=n_layers if time == "shared" else None, method=method,
-            steps=steps, mode=mode, splitting=splitting, gradient=gradient, final_norm=final_norm,
-            head=head,
+            steps=steps, mode=mode, splitting=splitting, gradient=gradient, rtol=rtol, atol=atol,
+            max_nfe=max_nfe, final_norm=final_norm, head=head,
         )
         self.vocab_size, self.max_len, self.norm = vocab_size, max_len, norm
         _init_weights(self)

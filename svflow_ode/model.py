@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from manifolds import AffineChart
-from solvers import SCHEMES, SolveStats, make_solver, split_step
+from solvers import SCHEMES, PIController, SolveStats, integrate, make_solver, split_step
 
 from .fields import Interpolated, SumField, locate
 
@@ -84,6 +84,8 @@ class SVFlow(nn.Module):
         splitting: "lie" (a Transformer block: each term a full substep), "strang", or "none"
             (one step of the summed field, retracted onto the last term's manifold).
         gradient: "backprop" or "checkpoint" (recompute each step in the backward pass).
+        rtol, atol: tolerances of adaptive methods.
+        max_nfe: adaptive methods stop with ``StepSizeError`` past this many field evaluations.
         final_norm: applied to the last state (pre-norm models), or None.
         head: readout from the last state to logits, or None.
     """
@@ -100,6 +102,9 @@ class SVFlow(nn.Module):
         mode: str = "relaxed",
         splitting: str = "lie",
         gradient: str = "backprop",
+        rtol: float = 1e-3,
+        atol: float = 1e-3,
+        max_nfe: int = 1000,
         final_norm: nn.Module | None = None,
         head: nn.Module | None = None,
     ):
@@ -121,6 +126,7 @@ class SVFlow(nn.Module):
         self.time, self.mode, self.splitting, self.gradient = time, mode, splitting, gradient
         self.horizon = depth if time == "shared" else len(blocks)
         self.method = method
+        self.rtol, self.atol, self.max_nfe = rtol, atol, max_nfe
         self.steps = self.horizon if steps is None else steps
         self.final_norm = final_norm
         self.head = head
@@ -136,15 +142,15 @@ class SVFlow(nn.Module):
                 f"blocks ({len(self.blocks)}); use time='continuous' for any step count"
             )
 
-    def _terms(self, n: int, steps: int, context: dict, stats: SolveStats):
-        """``(f, manifold)`` per term for step ``n`` of ``steps``; ``f`` counts its evaluations."""
-        if self.time == "continuous" and len(self.blocks) > 1:
-            t = n * self.horizon / steps
+    def _terms(self, k: int | None, t: float, context: dict, stats: SolveStats | None):
+        """``(f, manifold)`` per term of block ``k``, or of the continuous-in-time field (``k``
+        None; charts taken at time ``t``). ``f`` binds the context and counts into ``stats``."""
+        if k is None and len(self.blocks) > 1:
             columns = list(zip(*(b.terms for b in self.blocks)))  # per term: its K parameter sets
             fields = [Interpolated([term.field for term in col]) for col in columns]
             manifolds = [chart_at([term.manifold for term in col], t) for col in columns]
         else:
-            block = self.blocks[n * len(self.blocks) // steps if self.time == "per_step" else 0]
+            block = self.blocks[k or 0]
             fields = [term.field for term in block.terms]
             manifolds = [term.manifold for term in block.terms]
         if self.splitting == "none":
@@ -152,7 +158,8 @@ class SVFlow(nn.Module):
 
         def bind(field):
             def f(t, x):
-                stats.nfe += 1
+                if stats is not None:
+                    stats.nfe += 1
                 return field(t, x, **context)
 
             return f
@@ -160,21 +167,51 @@ class SVFlow(nn.Module):
         return [(bind(f), m) for f, m in zip(fields, manifolds)]
 
     def flow(self, x: torch.Tensor, *, method: str, steps: int, context: dict):
-        """Integrate from the embedded state; returns the state at every step and the stats."""
-        self._check_steps(steps)
+        """Integrate from the embedded state; returns the state at every step and the stats.
+
+        Fixed-step methods take ``steps`` steps; adaptive ones (bosh3, dopri5) choose their own
+        under ``rtol``/``atol``/``max_nfe`` and return the states at the block boundaries
+        (or at the two ends for shared parameters).
+        """
         solver = make_solver(method, self.blocks[0].terms[0].manifold, self.mode)
+        if solver.adaptive:
+            return self._flow_adaptive(x, solver, context)
+        self._check_steps(steps)
         scheme = "lie" if self.splitting == "none" else self.splitting
         stats = SolveStats()
         h = self.horizon / steps
         states = [x]
         for n in range(steps):
-            terms = self._terms(n, steps, context, stats)
+            k = n * len(self.blocks) // steps if self.time == "per_step" else None
+            terms = self._terms(k, n * h, context, stats)
             if self.gradient == "checkpoint" and torch.is_grad_enabled():
                 x = checkpoint(split_step, solver, terms, n * h, x, h, scheme, use_reentrant=False)
             else:
                 x = split_step(solver, terms, n * h, x, h, scheme)
             stats.steps += 1
             states.append(x)
+        return states, stats
+
+    def _flow_adaptive(self, x, solver, context):
+        if self.splitting != "none":
+            raise ValueError(f"adaptive method {solver.tableau.name!r} integrates one field: use splitting='none'")
+        # Restart at every block boundary: there the parameters jump (per-step) or kink
+        # (continuous), and an embedded error estimate does not see a kink inside a step.
+        if self.time == "shared":
+            pieces = [(None, 0, self.horizon)]
+        else:
+            pieces = [(k if self.time == "per_step" else None, k, k + 1) for k in range(len(self.blocks))]
+        controller = PIController(rtol=self.rtol, atol=self.atol, max_nfe=self.max_nfe)
+        stats, states = SolveStats(), [x]
+        for k, t0, t1 in pieces:
+            [(f, manifold)] = self._terms(k, t0, context, None)
+            if k is None and isinstance(manifold, AffineChart) and len(self.blocks) > 1:
+                raise ValueError("adaptive methods need one manifold for the whole solve; this model's charts change with t")
+            sol = integrate(f, x, [t0, t1], solver=solver, manifold=manifold, controller=controller, gradient=self.gradient)
+            x = sol.ys[-1]
+            states.append(x)
+            for name in ("steps", "nfe", "rejected"):
+                setattr(stats, name, getattr(stats, name) + getattr(sol.stats, name))
         return states, stats
 
     def forward(

@@ -103,3 +103,20 @@ def test_rkmk_on_the_sphere_keeps_every_state_on_it():
     out = model(torch.randint(0, 20, (2, 8)), steps=5)
     for x in out.hidden_states:
         torch.testing.assert_close(x.norm(dim=-1), torch.full(x.shape[:-1], 4.0), rtol=0, atol=1e-12)
+
+
+def test_adaptive_methods_choose_their_steps_and_report_them():
+    model = _lm(norm="sphere", time="continuous", splitting="none", mode="strict", rtol=1e-8, atol=1e-8)
+    ids = torch.randint(0, 20, (2, 8))
+    out = model(ids, method="dopri5")
+    assert len(out.hidden_states) == 4 and out.stats.steps >= 3 and out.stats.nfe >= 6 * out.stats.steps
+    # Tight tolerances agree with a fine fixed-step RK4 solve of the same field (strict mode:
+    # relaxed mode is first order for a field with a normal component).
+    fine = model(ids, method="rk4", steps=96)
+    torch.testing.assert_close(out.last_hidden_state, fine.last_hidden_state, rtol=0, atol=1e-7)
+    per_step = _lm(norm="pre_ln", splitting="none")
+    assert len(per_step(ids, method="bosh3").hidden_states) == 4  # one state per block boundary
+    with pytest.raises(ValueError, match="splitting='none'"):
+        _lm(norm="sphere", time="continuous")(ids, method="dopri5")
+    with pytest.raises(ValueError, match="charts change with t"):
+        _lm(norm="post_ln", time="continuous", splitting="none")(ids, method="dopri5")
