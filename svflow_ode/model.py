@@ -9,6 +9,7 @@ they are shared), so the default, one Euler step per block, has ``h = 1``: a Tra
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Sequence
 
 import geoopt
@@ -142,9 +143,9 @@ class SVFlow(nn.Module):
                 f"blocks ({len(self.blocks)}); use time='continuous' for any step count"
             )
 
-    def _terms(self, k: int | None, t: float, context: dict, stats: SolveStats | None):
+    def _terms(self, k: int | None, t: float, context: dict):
         """``(f, manifold)`` per term of block ``k``, or of the continuous-in-time field (``k``
-        None; charts taken at time ``t``). ``f`` binds the context and counts into ``stats``."""
+        None; charts taken at time ``t``); ``f`` binds the context (e.g. the padding mask)."""
         if k is None and len(self.blocks) > 1:
             columns = list(zip(*(b.terms for b in self.blocks)))  # per term: its K parameter sets
             fields = [Interpolated([term.field for term in col]) for col in columns]
@@ -155,16 +156,7 @@ class SVFlow(nn.Module):
             manifolds = [term.manifold for term in block.terms]
         if self.splitting == "none":
             fields, manifolds = [SumField(*fields)], manifolds[-1:]
-
-        def bind(field):
-            def f(t, x):
-                if stats is not None:
-                    stats.nfe += 1
-                return field(t, x, **context)
-
-            return f
-
-        return [(bind(f), m) for f, m in zip(fields, manifolds)]
+        return [(partial(field, **context), m) for field, m in zip(fields, manifolds)]
 
     def flow(self, x: torch.Tensor, *, method: str, steps: int, context: dict):
         """Integrate from the embedded state; returns the state at every step and the stats.
@@ -183,7 +175,11 @@ class SVFlow(nn.Module):
         states = [x]
         for n in range(steps):
             k = n * len(self.blocks) // steps if self.time == "per_step" else None
-            terms = self._terms(k, n * h, context, stats)
+            terms = self._terms(k, n * h, context)
+            # Counted here, not inside the fields: a side effect would break torch.compile's
+            # graph under checkpointing. Strang takes every term but the last twice.
+            substeps = len(terms) if scheme == "lie" else 2 * len(terms) - 1
+            stats.nfe += substeps * solver.tableau.stages
             if self.gradient == "checkpoint" and torch.is_grad_enabled():
                 x = checkpoint(split_step, solver, terms, n * h, x, h, scheme, use_reentrant=False)
             else:
@@ -204,7 +200,7 @@ class SVFlow(nn.Module):
         controller = PIController(rtol=self.rtol, atol=self.atol, max_nfe=self.max_nfe)
         stats, states = SolveStats(), [x]
         for k, t0, t1 in pieces:
-            [(f, manifold)] = self._terms(k, t0, context, None)
+            [(f, manifold)] = self._terms(k, t0, context)
             if k is None and isinstance(manifold, AffineChart) and len(self.blocks) > 1:
                 raise ValueError("adaptive methods need one manifold for the whole solve; this model's charts change with t")
             sol = integrate(f, x, [t0, t1], solver=solver, manifold=manifold, controller=controller, gradient=self.gradient)

@@ -120,3 +120,15 @@ def test_adaptive_methods_choose_their_steps_and_report_them():
         _lm(norm="sphere", time="continuous")(ids, method="dopri5")
     with pytest.raises(ValueError, match="charts change with t"):
         _lm(norm="post_ln", time="continuous", splitting="none")(ids, method="dopri5")
+
+
+@pytest.mark.parametrize("method,splitting", [("euler", "lie"), ("rk4", "strang"), ("rkmk2", "none")])
+def test_reported_nfe_equals_the_evaluations_made(method, splitting):
+    model = _lm(norm="sphere", time="continuous", method=method, splitting=splitting)
+    calls = []
+    for block in model.blocks:
+        for term in block.terms:
+            term.field.register_forward_hook(lambda *args: calls.append(1))
+    out = model(torch.randint(0, 20, (2, 8)), steps=5)
+    per_evaluation = 2 if splitting == "none" else 1  # the summed field calls both terms
+    assert out.stats.nfe * per_evaluation == len(calls) > 0
