@@ -22,6 +22,13 @@ import torch.nn.functional as F
 
 __all__ = ["Sphere", "SphereExact", "LayerNormSphere"]
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _float32(x: torch.Tensor) -> torch.Tensor:
+    # A norm summed in 16 bits loses the radius: normalise in float32, return in x's dtype.
+    return x.float() if x.dtype in _LOW_PRECISION else x
+
 
 class Sphere(geoopt.Sphere):
     """The sphere ``{x : |x| = r}`` (``r = sqrt(d)`` when ``radius`` is None).
@@ -47,10 +54,12 @@ class Sphere(geoopt.Sphere):
         return math.sqrt(x.shape[-1]) if self.radius is None else self.radius
 
     def projx(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._project_on_subspace(x)
+        y = self._project_on_subspace(_float32(x))
         if self.radius is None:
-            return F.rms_norm(x, x.shape[-1:], eps=self.eps)  # fused, and RMSNorm to the bit
-        return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / self.radius**2 + self.eps)
+            y = F.rms_norm(y, y.shape[-1:], eps=self.eps)  # fused, and RMSNorm to the bit
+        else:
+            y = y * torch.rsqrt(y.pow(2).sum(-1, keepdim=True) / self.radius**2 + self.eps)
+        return y.to(x.dtype)
 
     def projx_affine(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """``weight * projx(x) + bias`` (what ``AffineChart`` computes), fused where torch can."""
@@ -61,12 +70,15 @@ class Sphere(geoopt.Sphere):
         return super().proju(x / r, u)
 
     def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        # Not geoopt's unit-sphere expmap on (x / r, u / r): for small u it falls back to
+        # self.projx, which is ours (radius r), and the result would be scaled by r twice.
         r = self.r(x)
-        return super().expmap(x / r, u / r) * r
+        angle = u.norm(dim=-1, keepdim=True) / r
+        # sin(angle) / angle -> 1 as angle -> 0; the clamp keeps 0 / 0 out of values and gradients.
+        safe = angle.clamp_min(torch.finfo(angle.dtype).tiny)
+        return x * torch.cos(angle) + u * (torch.sin(safe) / safe)
 
-    def logmap(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        r = self.r(x)
-        return super().logmap(x / r, y / r) * r
+    # logmap is geoopt's: it goes through our proju and dist, which already account for r.
 
     def dist(self, x: torch.Tensor, y: torch.Tensor, *, keepdim=False) -> torch.Tensor:
         r = self.r(x)
@@ -87,9 +99,15 @@ class Sphere(geoopt.Sphere):
 
 
 class SphereExact(Sphere):
-    """``Sphere`` whose retraction is the exact exponential map (as ``geoopt.SphereExact``)."""
+    """``Sphere`` whose retraction is the exact exponential map (as ``geoopt.SphereExact``).
 
-    retr = Sphere.expmap
+    ``retr(x, u)`` is ``expmap(x, proju(x, u))``: a Runge-Kutta step's increment has an O(h^2)
+    normal part, which the exponential map alone would turn into a step off the sphere. Dropping
+    that part caps Runge-Kutta methods at second order here; ``Sphere``'s projection keeps theirs.
+    """
+
+    def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self.expmap(x, self.proju(x, u))
 
 
 class LayerNormSphere(Sphere):
@@ -110,9 +128,11 @@ class LayerNormSphere(Sphere):
         return x - x.mean(-1, keepdim=True)
 
     def projx(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], eps=self.eps)
+        return F.layer_norm(_float32(x), x.shape[-1:], eps=self.eps).to(x.dtype)
 
     def projx_affine(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        if x.dtype in _LOW_PRECISION:
+            return super().projx_affine(x, weight, bias)
         return F.layer_norm(x, x.shape[-1:], weight, bias, eps=self.eps)  # nn.LayerNorm exactly
 
     def _check_point_on_manifold(self, x, *, atol=1e-5, rtol=1e-5):

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from manifolds import AffineChart
-from solvers import SCHEMES, PIController, SolveStats, integrate, make_solver, split_step
+from solvers import SCHEMES, SolveStats, make_solver, odeint, odeint_adjoint, split_step
 
 from .fields import Interpolated, SumField, locate
 
@@ -26,6 +26,7 @@ __all__ = ["Term", "Block", "SVFlow", "SVFlowOutput", "TIME_MODES", "SPLITTINGS"
 
 TIME_MODES = ("per_step", "shared", "continuous")
 SPLITTINGS = SCHEMES + ("none",)
+GRADIENT_MODES = ("backprop", "checkpoint", "adjoint")
 
 
 class Term(nn.Module):
@@ -84,7 +85,10 @@ class SVFlow(nn.Module):
         mode: "relaxed" (``retr(x + h f)``, the Transformer's form) or "strict".
         splitting: "lie" (a Transformer block: each term a full substep), "strang", or "none"
             (one step of the summed field, retracted onto the last term's manifold).
-        gradient: "backprop" or "checkpoint" (recompute each step in the backward pass).
+        gradient: "backprop", "checkpoint" (recompute each step in the backward pass) or
+            "adjoint" (continuous adjoint, ``solvers.odeint_adjoint``: memory flat in the steps;
+            strict mode or Euclidean state, ``splitting="none"``; its gradient is the exact
+            flow's, which differs from the discrete one by the solver's error).
         rtol, atol: tolerances of adaptive methods.
         max_nfe: adaptive methods stop with ``StepSizeError`` past this many field evaluations.
         final_norm: applied to the last state (pre-norm models), or None.
@@ -114,8 +118,10 @@ class SVFlow(nn.Module):
             raise ValueError(f"unknown time mode {time!r}; expected one of {TIME_MODES}")
         if splitting not in SPLITTINGS:
             raise ValueError(f"unknown splitting {splitting!r}; expected one of {SPLITTINGS}")
-        if gradient not in ("backprop", "checkpoint"):
-            raise ValueError(f"unknown gradient mode {gradient!r}; expected 'backprop' or 'checkpoint'")
+        if gradient not in GRADIENT_MODES:
+            raise ValueError(f"unknown gradient mode {gradient!r}; expected one of {GRADIENT_MODES}")
+        if gradient == "adjoint" and splitting != "none":
+            raise ValueError("gradient='adjoint' integrates one field: use splitting='none'")
         if not blocks:
             raise ValueError("an SVFlow needs at least one block")
         if time == "shared" and len(blocks) != 1:
@@ -159,16 +165,17 @@ class SVFlow(nn.Module):
         return [(partial(field, **context), m) for field, m in zip(fields, manifolds)]
 
     def flow(self, x: torch.Tensor, *, method: str, steps: int, context: dict):
-        """Integrate from the embedded state; returns the state at every step and the stats.
+        """Integrate from the embedded state; returns the states and the stats.
 
-        Fixed-step methods take ``steps`` steps; adaptive ones (bosh3, dopri5) choose their own
-        under ``rtol``/``atol``/``max_nfe`` and return the states at the block boundaries
-        (or at the two ends for shared parameters).
+        Fixed-step methods with backprop or checkpointing return the state after every step.
+        Adaptive methods (bosh3, dopri5: ``rtol``/``atol``/``max_nfe``) and the adjoint solve
+        piece by piece and return the states at the pieces' ends: the block boundaries, or the
+        two ends for shared parameters (and for continuous ones with fixed steps).
         """
         solver = make_solver(method, self.blocks[0].terms[0].manifold, self.mode)
-        if solver.adaptive:
-            return self._flow_adaptive(x, solver, context)
         self._check_steps(steps)
+        if solver.adaptive or self.gradient == "adjoint":
+            return self._flow_by_pieces(x, method, solver.adaptive, steps, context)
         scheme = "lie" if self.splitting == "none" else self.splitting
         stats = SolveStats()
         h = self.horizon / steps
@@ -188,26 +195,40 @@ class SVFlow(nn.Module):
             states.append(x)
         return states, stats
 
-    def _flow_adaptive(self, x, solver, context):
+    def _flow_by_pieces(self, x, method: str, adaptive: bool, steps: int, context: dict):
         if self.splitting != "none":
-            raise ValueError(f"adaptive method {solver.tableau.name!r} integrates one field: use splitting='none'")
-        # Restart at every block boundary: there the parameters jump (per-step) or kink
-        # (continuous), and an embedded error estimate does not see a kink inside a step.
-        if self.time == "shared":
-            pieces = [(None, 0, self.horizon)]
+            raise ValueError(
+                f"adaptive methods and the adjoint integrate one field: use splitting='none' (got {self.splitting!r})"
+            )
+        L = len(self.blocks)
+        # Restart at every block boundary where the parameters jump (per-step) or, for adaptive
+        # steps, kink (continuous): an embedded error estimate does not see a kink inside a step.
+        if self.time == "shared" or (self.time == "continuous" and not adaptive):
+            pieces = [(None, 0, self.horizon, steps)]
         else:
-            pieces = [(k if self.time == "per_step" else None, k, k + 1) for k in range(len(self.blocks))]
-        controller = PIController(rtol=self.rtol, atol=self.atol, max_nfe=self.max_nfe)
+            pieces = [(k if self.time == "per_step" else None, k, k + 1, steps // L) for k in range(L)]
         stats, states = SolveStats(), [x]
-        for k, t0, t1 in pieces:
+        for k, t0, t1, n in pieces:
             [(f, manifold)] = self._terms(k, t0, context)
-            if k is None and isinstance(manifold, AffineChart) and len(self.blocks) > 1:
-                raise ValueError("adaptive methods need one manifold for the whole solve; this model's charts change with t")
-            sol = integrate(f, x, [t0, t1], solver=solver, manifold=manifold, controller=controller, gradient=self.gradient)
-            x = sol.ys[-1]
+            if k is None and L > 1 and isinstance(manifold, AffineChart):
+                raise ValueError(
+                    "adaptive methods and the adjoint need one manifold per solve; this model's "
+                    "charts change with t (use time='per_step' or a model without charts)"
+                )
+            piece = SolveStats()
+            options = {"stats": piece, "max_nfe": self.max_nfe, **({} if adaptive else {"steps": n})}
+            kwargs = dict(method=method, manifold=manifold, rtol=self.rtol, atol=self.atol, options=options)
+            t = torch.tensor([float(t0), float(t1)], dtype=x.dtype)
+            if self.gradient == "adjoint":
+                if self.mode != "strict" and not isinstance(manifold, geoopt.Euclidean):
+                    raise ValueError("the adjoint is sound for the tangent field only: use mode='strict'")
+                x = odeint_adjoint(f, x, t, adjoint_params=tuple(self.blocks.parameters()), **kwargs)[-1]
+            else:
+                options.update(gradient=self.gradient, mode=self.mode)
+                x = odeint(f, x, t, **kwargs)[-1]
             states.append(x)
             for name in ("steps", "nfe", "rejected"):
-                setattr(stats, name, getattr(stats, name) + getattr(sol.stats, name))
+                setattr(stats, name, getattr(stats, name) + getattr(piece, name))
         return states, stats
 
     def forward(

@@ -132,3 +132,29 @@ def test_reported_nfe_equals_the_evaluations_made(method, splitting):
     out = model(torch.randint(0, 20, (2, 8)), steps=5)
     per_evaluation = 2 if splitting == "none" else 1  # the summed field calls both terms
     assert out.stats.nfe * per_evaluation == len(calls) > 0
+
+
+def test_adjoint_gradients_converge_to_backprop_at_the_solver_order():
+    # The adjoint differentiates the exact flow, backprop the discrete one: their gap is the
+    # solver's error, O(h^4) for RK4 (strict mode on the sphere, where the adjoint is sound).
+    model = _lm(norm="sphere", time="continuous", splitting="none", mode="strict")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(5)  # a field that moves the state, so that the gradients are not trivial
+    ids = torch.randint(0, 20, (2, 8))
+    gaps = []
+    for steps in (12, 24):
+        grads = []
+        for mode in ("backprop", "adjoint"):
+            model.gradient = mode
+            model.zero_grad()
+            model(ids, method="rk4", steps=steps).logits.square().mean().backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        gaps.append((grads[0] - grads[1]).abs().max().item())
+    assert gaps[1] <= 1e-6
+    assert gaps[0] / gaps[1] > 8  # ~16 for a fourth-order method
+    with pytest.raises(ValueError, match="use splitting='none'"):
+        _lm(gradient="adjoint")
+    relaxed = _lm(norm="sphere", time="continuous", splitting="none", gradient="adjoint")
+    with pytest.raises(ValueError, match="mode='strict'"):
+        relaxed(ids)

@@ -11,7 +11,8 @@ __all__ = ["SumField", "PreNorm", "NGPTField", "Interpolated", "locate"]
 
 def locate(t: float, K: int) -> tuple[int, float]:
     """``(k, w)`` for time ``t`` among K nodes at ``0..K-1``: left node and right node's weight."""
-    t = min(max(float(t), 0.0), K - 1.0)
+    t = float(t.detach() if isinstance(t, torch.Tensor) else t)  # the adjoint's t carries grad
+    t = min(max(t, 0.0), K - 1.0)
     k = min(int(t), K - 2) if K > 1 else 0
     return k, t - k
 
