@@ -1,0 +1,39 @@
+"""Shared test setup: a fixed seed per test, and a deadline that turns a hang into a failure."""
+
+import signal
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    # Every test draws its random fields and points from the same stream, whatever ran before it.
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def deadline():
+    """Call ``deadline(seconds)`` to fail the test with ``TimeoutError`` if it runs longer."""
+
+    def _on_alarm(signum, frame):
+        raise TimeoutError("the test ran past its deadline: the solve hangs")
+
+    def arm(seconds: float) -> None:
+        signal.signal(signal.SIGALRM, _on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+
+    previous = signal.getsignal(signal.SIGALRM)
+    yield arm
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Report how many examples each property-based test ran."""
+    from test_properties import EXAMPLES
+
+    if EXAMPLES:
+        terminalreporter.write_sep("-", "hypothesis examples run")
+        for name, count in sorted(EXAMPLES.items()):
+            terminalreporter.write_line(f"{name}: {count}")
