@@ -1,1 +1,3 @@
 """svflow-ode: Score-based Variational Flow -- Transformers as manifold ODEs."""
+
+from .pretrained import from_pretrained
