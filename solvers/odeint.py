@@ -178,6 +178,11 @@ def _plugin(method):
             self.func, self.y0, self.rtol, self.atol = func, y0, rtol, atol
             self.manifold, self.options = manifold, options
 
+        @classmethod
+        def valid_callbacks(cls):
+            # torchdiffeq asks every solver class which callbacks it honours; ours honour none.
+            return set()
+
         def integrate(self, t):
             rtol = float(self.rtol) if torch.is_tensor(self.rtol) else self.rtol
             atol = float(self.atol) if torch.is_tensor(self.atol) else self.atol
@@ -196,8 +201,11 @@ def register_torchdiffeq() -> tuple[str, ...]:
     Pass the manifold and our options through torchdiffeq's ``options``, e.g.
     ``torchdiffeq.odeint(f, y0, t, method="manifold_rk4", options={"manifold": Sphere(), "step_size": 0.1})``.
     With ``torchdiffeq.odeint_adjoint`` give ``adjoint_options`` without the manifold: the backward
-    state is torchdiffeq's flat augmented vector. Relies on ``torchdiffeq._impl.odeint.SOLVERS``
-    (torchdiffeq 0.2.x, pinned in pyproject). Idempotent; returns the registered names.
+    state is torchdiffeq's flat augmented vector. The backward pass then solves the adjoint of the
+    field as given, in R^n, so the field must already be tangent (return ``proju(x, f)``): a normal
+    part gives silently wrong gradients. ``solvers.odeint_adjoint`` does that projection itself.
+    Relies on ``torchdiffeq._impl.odeint.SOLVERS`` (torchdiffeq 0.2.x, pinned in pyproject).
+    Idempotent; returns the registered names.
     """
     # The module, not the function of the same name that torchdiffeq._impl exports.
     registry = importlib.import_module("torchdiffeq._impl.odeint").SOLVERS

@@ -1,0 +1,127 @@
+"""Gradients through every solver are right: gradcheck in float64, and the adjoint agrees.
+
+``torch.autograd.gradcheck`` compares autograd against finite differences through every method in
+"backprop" and "checkpoint" modes, w.r.t. the initial point and a field parameter. The continuous
+adjoint (``solvers.odeint_adjoint``) matches finite differences of a tight solve, agrees with
+backprop up to the solver's error (and the gap shrinks at the method's order), and is refused
+where it is not sound.
+"""
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import manifolds
+import solvers
+
+F64 = torch.float64
+RADIUS = 1.5
+SPHERE = manifolds.Sphere(RADIUS)
+T = torch.tensor([0.0, 0.4, 1.0], dtype=F64)
+
+
+class TanhField(nn.Module):
+    """``f(t, x) = tanh(x W^T) + t b``: nonlinear, time-dependent, with parameters to differentiate."""
+
+    def __init__(self, d: int = 3):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d, d, dtype=F64))
+        self.b = nn.Parameter(torch.randn(d, dtype=F64))
+
+    def forward(self, t, x):
+        return torch.tanh(x @ self.w.T) + t * self.b
+
+
+def solve_fn(field: TanhField, method: str, gradient: str):
+    """``(z, w) -> solution`` with ``y0 = projx(z)``, so finite differences stay on the sphere."""
+    options = {"gradient": gradient}
+    if method not in ("bosh3", "dopri5"):
+        options["steps"] = 4
+
+    def fn(z, w):
+        # The field with gradcheck's perturbed tensor in place of its parameter W.
+        f = lambda t, x: functional_call(field, {"w": w}, (t, x))  # noqa: E731
+        # Tight enough that the (undifferentiated) step-size choices move the output by < 1e-7.
+        return solvers.odeint(f, SPHERE.projx(z), T, method=method, manifold=SPHERE,
+                              rtol=1e-8, atol=1e-10, options=options)
+
+    return fn
+
+
+@pytest.mark.parametrize("gradient", ["backprop", "checkpoint"])
+@pytest.mark.parametrize("method", solvers.METHODS)
+def test_gradcheck_through_every_method(method, gradient):
+    field = TanhField()
+    z = torch.randn(3, dtype=F64, requires_grad=True)
+    w = field.w.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(solve_fn(field, method, gradient), (z, w), atol=1e-6, rtol=1e-4, fast_mode=True)
+
+
+def test_checkpoint_gives_the_same_gradient_as_backprop():
+    grads = {}
+    for gradient in ("backprop", "checkpoint"):
+        torch.manual_seed(1)
+        field = TanhField()
+        z = torch.randn(3, dtype=F64, requires_grad=True)
+        out = solvers.odeint(field, SPHERE.projx(z), T, method="rk4", manifold=SPHERE,
+                             options={"steps": 8, "gradient": gradient})
+        out.pow(2).sum().backward()
+        grads[gradient] = torch.cat([z.grad, field.w.grad.flatten(), field.b.grad])
+    torch.testing.assert_close(grads["checkpoint"], grads["backprop"], rtol=1e-12, atol=1e-12)
+
+
+def adjoint_fn(field: TanhField, method: str, options: dict, tol: float):
+    def fn(z, w, b):
+        f = lambda t, x: functional_call(field, {"w": w, "b": b}, (t, x))  # noqa: E731
+        return solvers.odeint_adjoint(f, SPHERE.projx(z), T, method=method, manifold=SPHERE,
+                                      rtol=tol, atol=tol, options=options, adjoint_params=(w, b))
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    "method, options, tol",
+    [("dopri5", {}, 1e-10), ("bosh3", {}, 1e-8), ("rk4", {"step_size": 0.01}, 1e-10)],  # rk4 ignores tol
+)
+def test_adjoint_matches_finite_differences(method, options, tol):
+    # The adjoint differentiates the exact flow; these forward solves are within ~1e-8 of it.
+    field = TanhField()
+    inputs = (
+        torch.randn(3, dtype=F64, requires_grad=True),
+        field.w.detach().clone().requires_grad_(True),
+        field.b.detach().clone().requires_grad_(True),
+    )
+    fn = adjoint_fn(field, method, options, tol)
+    assert torch.autograd.gradcheck(fn, inputs, atol=1e-6, rtol=1e-4, fast_mode=True)
+
+
+def gradients(method: str, adjoint: bool, steps: int) -> torch.Tensor:
+    """Gradient of a loss w.r.t. (z, W, b) through ``method`` with ``steps`` per output interval."""
+    torch.manual_seed(1)
+    field = TanhField()
+    z = torch.randn(3, dtype=F64, requires_grad=True)
+    solve = solvers.odeint_adjoint if adjoint else solvers.odeint
+    out = solve(field, SPHERE.projx(z), T, method=method, manifold=SPHERE, options={"steps": steps})
+    out.pow(3).sum().backward()
+    return torch.cat([z.grad, field.w.grad.flatten(), field.b.grad])
+
+
+@pytest.mark.parametrize("method, order", [("euler", 1), ("midpoint", 2), ("heun", 2), ("rk4", 4)])
+def test_adjoint_agrees_with_backprop_up_to_the_solver_error(method, order):
+    gaps = [(gradients(method, True, n) - gradients(method, False, n)).abs().max().item() for n in (8, 16)]
+    # Both gradients converge to the exact one at the method's order, so their gap does too.
+    assert gaps[0] / gaps[1] == pytest.approx(2**order, rel=0.3), gaps
+    if method == "rk4":
+        assert gaps[1] < 1e-6
+
+
+def test_adjoint_refuses_relaxed_mode_and_lie_group_methods():
+    field, y0 = TanhField(), SPHERE.projx(torch.randn(3, dtype=F64))
+    with pytest.raises(ValueError, match="only sound in strict mode"):
+        solvers.odeint_adjoint(field, y0, T, manifold=SPHERE, options={"mode": "relaxed"})
+    for method in ("rkmk2", "rkmk4"):
+        with pytest.raises(ValueError, match=f"not offered for Lie-group method '{method}'"):
+            solvers.odeint_adjoint(field, y0, T, method=method, manifold=SPHERE)
+    with pytest.raises(ValueError, match="computes its own gradients"):
+        solvers.odeint_adjoint(field, y0, T, manifold=SPHERE, options={"gradient": "checkpoint"})
