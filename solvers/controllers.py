@@ -37,8 +37,9 @@ class ConstantStepSize:
         """Number of steps between ``t0`` and ``t1``."""
         if self.steps is not None:
             return int(self.steps)
-        # The small slack keeps 1.0 / 0.1 from becoming 11 steps through rounding.
-        return max(1, math.ceil(abs(t1 - t0) / self.step_size - 1e-9))
+        # The relative slack keeps 1.0 / 0.1 from becoming 11 steps through rounding, also when
+        # the times were float32 (0.1 is then 0.10000000149): a step may exceed step_size by 1e-6.
+        return max(1, math.ceil(abs(t1 - t0) / self.step_size * (1 - 1e-6)))
 
 
 @dataclass

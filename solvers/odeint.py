@@ -17,7 +17,7 @@ from manifolds import SphereAction, StiefelAction
 from .controllers import ConstantStepSize, PIController
 from .lie_group import RKMK
 from .runge_kutta import RungeKutta
-from .solve import SolveStats, check_on_manifold, integrate
+from .solve import check_on_manifold, integrate
 from .tableau import BOSH3, DOPRI5, EULER, HEUN, MIDPOINT, RK4
 
 __all__ = ["METHODS", "make_solver", "odeint", "odeint_adjoint", "register_torchdiffeq"]

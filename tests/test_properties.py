@@ -17,7 +17,8 @@ from manifolds import LayerNormSphere, Sphere, SphereExact
 
 EXAMPLES = Counter()  # property -> examples run (reported by conftest's terminal summary)
 FIXED = ["euler", "midpoint", "heun", "rk4", "rkmk2", "rkmk4"]
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI sees the same examples every run (a failure is a finding, never a fluke).
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -80,11 +81,16 @@ def test_solves_are_deterministic(problem):
 @given(problems())
 def test_float32_agrees_with_float64(problem):
     EXAMPLES["float32 agrees with float64"] += 1
+    manifold, method, field, x0, horizon, options = problem
     y64, y32 = _solve(problem, torch.float64), _solve(problem, torch.float32)
+    # How much the problem itself amplifies float32 rounding: the float64 solve from x0 rounded
+    # to float32. Each step rounds again, so allow that amplification once per step.
+    x0_rounded = manifold.projx(x0.float().double())
+    rounded = _solve((manifold, method, field, x0_rounded, horizon, options), torch.float64)
+    amplified = (rounded - y64).abs().max()
     scale = 1.0 + y64.abs().max()
-    steps = problem[4] / problem[5]["step_size"] + 1
-    # Rounding accumulates at most linearly in the steps for these short, smooth solves.
-    assert (y32.double() - y64).abs().max() <= 1e-6 * scale * steps
+    steps = horizon / options["step_size"] + 1
+    assert (y32.double() - y64).abs().max() <= steps * (1e-6 * scale + 10 * amplified)
 
 
 @SETTINGS
@@ -103,7 +109,7 @@ def test_projections_are_idempotent(manifold, d, seed, dtype):
     assert (p * v).sum(-1).abs().max() <= tol * 10 * manifold.r(p)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(problems(methods=("bosh3", "dopri5")))
 def test_adaptive_solves_stay_on_the_manifold_and_count_their_work(problem):
     EXAMPLES["adaptive solves stay on the manifold"] += 1

@@ -138,3 +138,14 @@ def test_strict_mode_removes_a_normal_part_that_costs_relaxed_mode_its_order(met
     }
     assert orders["strict"] == pytest.approx(ORDER[method], abs=0.3)
     assert orders["relaxed"] < 1.5
+
+
+@pytest.mark.parametrize("step_size, expected", [(0.05, 2), (0.1, 1), (1e-4, 1000)])
+def test_float32_output_times_give_the_float64_step_grid(step_size, expected):
+    # 0.1 in float32 is 0.10000000149: it must not cost an extra step per output interval.
+    for dtype in (torch.float32, F64):
+        sol = solvers.integrate(
+            lambda t, x: -x, torch.ones(2, dtype=dtype), torch.tensor([0.0, 0.1], dtype=dtype),
+            solver=solvers.RungeKutta(solvers.EULER), controller=solvers.ConstantStepSize(step_size),
+        )
+        assert sol.stats.steps == expected
