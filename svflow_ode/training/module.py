@@ -1,0 +1,102 @@
+"""``LitSVFlow``: trains an SVFlow language model (AdamW, warm-up then cosine decay)."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+from svflow_ode.lm import SVFlowLM
+
+from .data import IGNORE
+
+__all__ = ["LitSVFlow"]
+
+
+class LitSVFlow(L.LightningModule):
+    """Next-token training of an SVFlow language model.
+
+    Logs per stage (``train``, ``val``, ``test``): ``loss`` (nats per scored token), ``bpc``
+    (bits per token: ``loss / ln 2``), ``acc`` (argmax accuracy on the scored tokens) and
+    ``nfe`` (field evaluations per forward pass); and ``lr`` while training.
+
+    Args:
+        model: the network; its solver, step count and norm placement are its own arguments.
+        lr: peak learning rate.
+        min_lr: learning rate at the end of the cosine decay.
+        weight_decay: AdamW weight decay, applied to matrices and embeddings only (as nanoGPT).
+        betas: AdamW betas.
+        warmup_steps: steps of linear warm-up from ``lr / (warmup_steps + 1)`` to ``lr``.
+        max_steps: length of the schedule (default: the trainer's ``max_steps``); the learning
+            rate stays at ``min_lr`` after it.
+    """
+
+    def __init__(
+        self,
+        model: SVFlowLM,
+        lr: float = 1e-3,
+        min_lr: float = 1e-4,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 0,
+        max_steps: int | None = None,
+    ):
+        super().__init__()
+        if not 0 <= min_lr <= lr:
+            raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={min_lr}, lr={lr}")
+        if warmup_steps < 0 or (max_steps is not None and max_steps < 1):
+            raise ValueError(f"need warmup_steps >= 0 and max_steps >= 1, got {warmup_steps}, {max_steps}")
+        # Under LightningCLI the hyperparameters are the configuration, with the model's class path
+        # and arguments: load_from_checkpoint rebuilds the model. A model object is no hyperparameter.
+        self.save_hyperparameters(ignore=None if _given_hyperparameters.get() else ["model"])
+        self.model = model
+        self.lr, self.min_lr, self.weight_decay, self.betas = lr, min_lr, weight_decay, tuple(betas)
+        self.warmup_steps, self.max_steps = warmup_steps, max_steps
+
+    def model_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        """Loss of one batch ``(input_ids, labels)``, both ``(B, T)``; logs the stage's metrics."""
+        input_ids, labels = batch
+        out = self.model(input_ids)
+        logits = out.logits  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+        scored = labels != IGNORE
+        acc = (logits.argmax(-1)[scored] == labels[scored]).float().mean()
+        training = stage == "train"
+        options = dict(on_step=training, on_epoch=not training, sync_dist=not training, batch_size=len(input_ids))
+        self.log(f"{stage}/loss", loss, prog_bar=True, **options)
+        extras = {"bpc": loss / math.log(2), "acc": acc, "nfe": float(out.stats.nfe)}
+        self.log_dict({f"{stage}/{name}": value for name, value in extras.items()}, **options)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True)
+        return self.model_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self.model_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self.model_step(batch, "test")
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate at ``step`` divided by ``lr``: linear warm-up, then cosine to ``min_lr``."""
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        total = self.max_steps or self.trainer.max_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
+        return (self.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (self.lr - self.min_lr)) / self.lr
+
+    def configure_optimizers(self):
+        if not self.max_steps and self.trainer.max_steps < 1:
+            raise ValueError("the learning-rate schedule needs trainer.max_steps or model.max_steps")
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
