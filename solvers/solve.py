@@ -137,10 +137,10 @@ def integrate(
 
     stats = SolveStats()
     field_ = _CountedField(f, stats)
-    step = solver.step
-    if gradient == "checkpoint":
-        def step(f, t, x, h, manifold, k_first=None):
-            return checkpoint(solver.step, f, t, x, h, manifold, k_first, use_reentrant=False)
+    def checkpointed(f, t, x, h, manifold, k_first=None):
+        return checkpoint(solver.step, f, t, x, h, manifold, k_first, use_reentrant=False)
+
+    step = checkpointed if gradient == "checkpoint" else solver.step
 
     ys = [y0]
     x = y0

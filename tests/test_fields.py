@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from manifolds import Sphere
 from solvers import EULER, RungeKutta
