@@ -13,6 +13,15 @@ def _seed():
 
 
 @pytest.fixture
+def float64():
+    """Make float64 the default dtype for one test (restored afterwards)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.fixture
 def deadline():
     """Call ``deadline(seconds)`` to fail the test with ``TimeoutError`` if it runs longer."""
 

@@ -1,20 +1,8 @@
 """Each diagnostics experiment's --smoke run regenerates its md, png and csv."""
 
-import csv
-
+from smoke_outputs import assert_outputs, read_csv
 
 from experiments import gaussian_toy, moe_collapse, svflow_analyses
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def assert_outputs(out):
-    for suffix in (".md", ".png", ".csv"):
-        assert out.with_suffix(suffix).stat().st_size > 0, suffix
-    assert "SMOKE RUN" in out.with_suffix(".md").read_text()
 
 
 def test_gaussian_toy_smoke(tmp_path):

@@ -1,9 +1,8 @@
 """Each solver/depth/re-integration experiment's --smoke run regenerates its md, csv and png."""
 
-import csv
-
 import pytest
 import torch
+from smoke_outputs import assert_outputs, read_csv
 
 from experiments import depth_sweep, reintegrate_minilm, solver_sweep
 
@@ -16,17 +15,6 @@ def _threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def assert_outputs(out):
-    for suffix in (".md", ".png", ".csv"):
-        assert out.with_suffix(suffix).stat().st_size > 0, suffix
-    assert "SMOKE RUN" in out.with_suffix(".md").read_text()
 
 
 def test_solver_sweep_smoke(tmp_path):

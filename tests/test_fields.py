@@ -13,12 +13,7 @@ from svflow_ode.fields import (
 
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 @pytest.mark.parametrize("causal", [False, True])

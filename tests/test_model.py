@@ -9,12 +9,7 @@ from solvers import RK4, RungeKutta, split_step
 from svflow_ode.lm import NORMS, SVFlowLM
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _lm(**kw):
