@@ -4,7 +4,8 @@ Every solver trains the same model (same size, seed, data stream and step count:
 layer) from ``configs/base.yaml`` plus ``configs/<solver>.yaml``, through the ``svflow-ode``
 command line. Needs no data files.
 
-    python -m experiments.main_job                # about 10 minutes on 2 CPU cores
+    python -m experiments.main_job                # euler, heun, rk4: about 5 minutes on one CPU thread
+    python -m experiments.main_job --solvers euler midpoint heun rk4
     python -m experiments.main_job --smoke --out /tmp/smoke   # tiny sizes, seconds
 
 Writes ``<out>/main_job.md``, ``<out>/main_job.csv`` and ``<out>/main_job.png``; the runs'

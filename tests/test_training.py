@@ -24,9 +24,11 @@ STAGES = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "rkmk2": 2, "rkmk4": 4
 
 
 @pytest.fixture(autouse=True)
-def _command_line(monkeypatch):
-    # The CLI runs in-process with explicit args; pytest's own arguments are not for it.
+def _command_line(monkeypatch, tmp_path):
+    # The CLI runs in-process with explicit args; pytest's own arguments are not for it. Anything
+    # a run writes to a relative path lands in the test's folder.
     monkeypatch.setattr(sys, "argv", ["svflow-ode"])
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(autouse=True)
@@ -45,9 +47,10 @@ def csv_logger(save_dir, name="run"):
 
 
 def checkpointing(every: int):
-    callback = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                "init_args": {"save_last": True, "every_n_train_steps": every}}
-    return f"--trainer.callbacks={json.dumps([callback])}"
+    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"save_last": True, "every_n_train_steps": every}},
+                 {"class_path": "svflow_ode.training.LinearInit"}]
+    return f"--trainer.callbacks={json.dumps(callbacks)}"
 
 
 def train_losses(log_dir) -> dict[int, float]:
@@ -64,6 +67,13 @@ def test_fast_dev_run_every_solver(method):
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/loss"])
     # Two fields (attention, FFN) per layer, each evaluated once per stage.
     assert metrics["val/nfe"] == STAGES[method] * 2 * 2
+
+
+def test_fast_dev_run_on_the_dyck_task():
+    dyck = str(Path(BASE).with_name("dyck.yaml"))
+    cli = run(["fit", *TINY, f"--config={dyck}", "--data.block_size=16", "--trainer.fast_dev_run=true"])
+    assert cli.model.model.vocab_size == 6 and cli.model.model.max_len == 16  # linked from the data
+    assert math.isfinite(cli.trainer.callback_metrics["val/loss"])
 
 
 def test_resume_gives_identical_losses(tmp_path):

@@ -35,9 +35,13 @@ def test_ddp_on_cpu_with_two_processes(tmp_path):
     assert any(r.get("val/loss") for r in rows) and any(r.get("train/loss") for r in rows)
 
 
-def test_main_job_smoke(tmp_path):
-    threads = str(torch.get_num_threads())  # leave the session's setting as it is
-    rows = main_job.main(["--smoke", "--out", str(tmp_path), "--runs", str(tmp_path / "runs"), "--threads", threads])
+def test_main_job_smoke(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["main_job"])  # the CLI runs in-process; pytest's arguments are not for it
+    threads = torch.get_num_threads()
+    try:
+        rows = main_job.main(["--smoke", "--out", str(tmp_path), "--runs", str(tmp_path / "runs"), "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
     assert [r["solver"] for r in rows] == list(main_job.SOLVERS)
     for name in ("main_job.md", "main_job.csv", "main_job.png"):
         assert (tmp_path / name).stat().st_size > 0
