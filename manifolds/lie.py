@@ -14,6 +14,7 @@ manifold. An action supplies the vocabulary they need:
 
 from __future__ import annotations
 
+import geoopt
 import torch
 
 from .sphere import Sphere
@@ -73,8 +74,6 @@ class StiefelAction(SOnAction):
     """SO(n) acting on the Stiefel manifold ``{X in R^{n x p} : X^T X = I}`` by left product."""
 
     def __init__(self, manifold=None):
-        import geoopt
-
         self.manifold = geoopt.EuclideanStiefel() if manifold is None else manifold
 
     def generator(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
