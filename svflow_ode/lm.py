@@ -18,42 +18,13 @@ from torch import nn
 
 from manifolds import AffineChart, LayerNormSphere, Sphere
 
+from .embedding import TokenEmbedding
 from .fields import AttentionField, FFNField, NGPTField, PreNorm
 from .model import Block, SVFlow, Term
 
-__all__ = ["NORMS", "TokenEmbedding", "SVFlowLM"]
+__all__ = ["NORMS", "SVFlowLM"]
 
 NORMS = ("post_ln", "post_rms", "sphere", "pre_ln", "pre_rms", "ngpt")
-
-
-class TokenEmbedding(nn.Module):
-    """Token plus learned position embeddings, optionally normalised onto the first manifold.
-
-    Args:
-        vocab_size: number of tokens.
-        d_model: state dimension.
-        max_len: longest sequence.
-        normalise: module applied to the sum (e.g. a LayerNorm), or None.
-    """
-
-    def __init__(self, vocab_size: int, d_model: int, max_len: int, normalise: nn.Module | None = None):
-        super().__init__()
-        self.vocab_size, self.max_len = vocab_size, max_len
-        self.tokens = nn.Embedding(vocab_size, d_model)
-        self.positions = nn.Embedding(max_len, d_model)
-        self.normalise = normalise
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        B, T = input_ids.shape
-        if T > self.max_len:
-            raise ValueError(f"sequence length {T} exceeds max_len {self.max_len}")
-        # A data-dependent check: eager only, so that torch.compile traces one graph.
-        if not torch.compiler.is_compiling():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= self.vocab_size:
-                raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got range [{lo}, {hi}]")
-        x = self.tokens(input_ids) + self.positions(torch.arange(T, device=input_ids.device))  # (B, T, d)
-        return x if self.normalise is None else self.normalise(x)
 
 
 class _Projection(nn.Module):
@@ -144,10 +115,10 @@ class SVFlowLM(SVFlow):
             normalise = _Projection(Sphere(None))
         else:
             normalise = None
-        embed = TokenEmbedding(vocab_size, d_model, max_len, normalise)
+        embed = TokenEmbedding(vocab_size, d_model, max_len, norm=normalise)
         final_norm = {"pre_ln": nn.LayerNorm(d_model, eps=eps), "pre_rms": nn.RMSNorm(d_model, eps=eps)}.get(norm)
         head = nn.Linear(d_model, vocab_size, bias=False)
-        head.weight = embed.tokens.weight  # tied, as in nanoGPT
+        head.weight = embed.word.weight  # tied, as in nanoGPT
         super().__init__(
             embed, blocks, time=time, depth=n_layers if time == "shared" else None, method=method,
             steps=steps, mode=mode, splitting=splitting, gradient=gradient, rtol=rtol, atol=atol,

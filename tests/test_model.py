@@ -87,7 +87,7 @@ def test_bad_configuration_and_input_fail_clearly():
         model(torch.full((1, 4), 20))
     with pytest.raises(ValueError, match="attention_mask shape"):
         model(torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 5))
-    with pytest.raises(ValueError, match="exceeds max_len"):
+    with pytest.raises(ValueError, match="exceeds the model.s 8 learned positions"):
         model(torch.zeros(1, 9, dtype=torch.long))
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         model(torch.zeros(1, 4, dtype=torch.long), steps=0)

@@ -101,13 +101,13 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
 
 def test_linear_init_redraws_linear_weights_only():
     module = LitSVFlow(SVFlowLM(vocab_size=10, d_model=64, n_heads=4, n_layers=2, max_len=8))
-    embedding = module.model.embed.tokens.weight.clone()
+    embedding = module.model.embed.word.weight.clone()
     LinearInit(gain=2.0).setup(None, module, "fit")
     attention, ffn = (term.field for term in module.model.blocks[0].terms)
     assert attention.q.weight.std().item() == pytest.approx(2.0 / 64**0.5, rel=0.1)
     assert ffn.down.weight.std().item() == pytest.approx(2.0 / 256**0.5, rel=0.1)  # fan-in 4 * 64
     assert not attention.q.bias.any()
-    assert torch.equal(module.model.embed.tokens.weight, embedding)  # and the head tied to it
+    assert torch.equal(module.model.embed.word.weight, embedding)  # and the head tied to it
 
 
 def test_wandb_runs_offline_without_network(tmp_path, monkeypatch):

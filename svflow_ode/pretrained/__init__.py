@@ -1,6 +1,7 @@
 """Convert Hugging Face transformers models (BERT, GPT-2, Llama, Qwen2) into SVFlow models."""
 
 from .convert import SUPPORTED, from_pretrained
-from .layers import RMSNorm, TokenEmbedding
+from ..embedding import TokenEmbedding
+from .layers import RMSNorm
 
 __all__ = ["SUPPORTED", "from_pretrained", "RMSNorm", "TokenEmbedding"]

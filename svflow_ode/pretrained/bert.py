@@ -13,7 +13,8 @@ from manifolds import AffineChart, LayerNormSphere
 
 from ..fields import AttentionField, FFNField
 from ..model import Block, SVFlow, Term
-from .layers import TokenEmbedding, activation
+from ..embedding import TokenEmbedding
+from .layers import activation
 from .mapping import WeightMap, same
 
 PREFIX = "bert."  # where BertFor... models keep their BertModel

@@ -15,7 +15,8 @@ from manifolds import Euclidean
 
 from ..fields import AttentionField, FFNField, PreNorm
 from ..model import Block, SVFlow, Term
-from .layers import TokenEmbedding, activation
+from ..embedding import TokenEmbedding
+from .layers import activation
 from .mapping import WeightMap, same
 
 PREFIX = "transformer."  # where GPT2LMHeadModel keeps its GPT2Model

@@ -15,7 +15,8 @@ from manifolds import Euclidean
 
 from ..fields import AttentionField, PreNorm, SwiGLUField
 from ..model import Block, SVFlow, Term
-from .layers import RMSNorm, TokenEmbedding
+from ..embedding import TokenEmbedding
+from .layers import RMSNorm
 from .mapping import WeightMap, same
 
 PREFIX = "model."  # where ...ForCausalLM keeps its base model
