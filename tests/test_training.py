@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from svflow_ode.lm import SVFlowLM
-from svflow_ode.training import LinearInit, LitSVFlow
+from svflow_ode.training import LitSVFlow
 from svflow_ode.training.cli import run
 from svflow_ode.training.sample import sample
 
@@ -48,8 +48,7 @@ def csv_logger(save_dir, name="run"):
 
 def checkpointing(every: int):
     callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                  "init_args": {"save_last": True, "every_n_train_steps": every}},
-                 {"class_path": "svflow_ode.training.LinearInit"}]
+                  "init_args": {"save_last": True, "every_n_train_steps": every}}]
     return f"--trainer.callbacks={json.dumps(callbacks)}"
 
 
@@ -99,15 +98,21 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert factors[20] == factors[29] == pytest.approx(0.1)
 
 
-def test_linear_init_redraws_linear_weights_only():
-    module = LitSVFlow(SVFlowLM(vocab_size=10, d_model=64, n_heads=4, n_layers=2, max_len=8))
-    embedding = module.model.embed.word.weight.clone()
-    LinearInit(gain=2.0).setup(None, module, "fit")
-    attention, ffn = (term.field for term in module.model.blocks[0].terms)
-    assert attention.q.weight.std().item() == pytest.approx(2.0 / 64**0.5, rel=0.1)
-    assert ffn.down.weight.std().item() == pytest.approx(2.0 / 256**0.5, rel=0.1)  # fan-in 4 * 64
+@pytest.mark.parametrize("init", ["nanogpt", "fan_in"])
+def test_init_scales_linear_weights_by_fan_in_and_keeps_embeddings(init):
+    model = SVFlowLM(vocab_size=100, d_model=64, n_heads=4, n_layers=2, max_len=8, init=init)
+    attention, ffn = (term.field for term in model.blocks[0].terms)
+    fan_in = init == "fan_in"
+    assert attention.q.weight.std().item() == pytest.approx(64**-0.5 if fan_in else 0.02, rel=0.1)
+    assert ffn.down.weight.std().item() == pytest.approx(256**-0.5 if fan_in else 0.02, rel=0.1)  # fan-in 4 * 64
     assert not attention.q.bias.any()
-    assert torch.equal(module.model.embed.word.weight, embedding)  # and the head tied to it
+    assert model.head.weight is model.embed.word.weight
+    assert model.embed.word.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_unknown_init_is_refused():
+    with pytest.raises(ValueError, match="unknown init 'xavier'"):
+        SVFlowLM(vocab_size=10, d_model=16, n_heads=2, init="xavier")
 
 
 def test_wandb_runs_offline_without_network(tmp_path, monkeypatch):
