@@ -13,12 +13,18 @@ standard post-LN Transformer (per-step parameters, Lie splitting, Euler) is a re
   dopri5 cannot go that low (at least 8 evaluations per parameter set): it runs at a loose
   tolerance and is placed at the FLOPs it actually used.
 
-RKMK4 is evaluated, not trained (a training step costs ~1000x Euler's on this CPU; see the md):
-it integrates the RK4-trained fields at the same step counts.
+RKMK4 (on ``manifolds.LowRankSphereAction``, exact and O(d) per token) is in both groups: K steps
+and K/2 steps.
 
     python -m experiments.solver_sweep [--steps 400] [--seeds 0 1 2] [--data PATH] [--smoke]
+                                       [--save-dir runs/solver_sweep]
 
-writes experiments/results/solver_sweep.{md,csv,png}.
+writes experiments/results/solver_sweep.{md,csv,png}, and every trained model to
+``<save-dir>/<arch>_<method>_<steps or "adaptive">_seed<seed>.pt``: a ``torch.save``d dict with
+``config`` (the keyword arguments of ``SVFlowLM``), ``state_dict``, and the model's csv row
+(``run``, ``arch``, ``method``, ``steps``, ``seed``, ``val_loss``, ``nfe_eval``, ...).
+``load_run(path)`` rebuilds the model (in eval mode) and returns it with that dict; the model's
+default ``method``/``steps`` are the ones it was trained and validated with.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from experiments.char_lm import DATA, CharData, train  # noqa: E402
 from solvers import SolverError  # noqa: E402
-from svflow_ode.flops import rkmk_commutator_flops_per_token, training_flops_per_token  # noqa: E402
+from svflow_ode.flops import training_flops_per_token  # noqa: E402
 from svflow_ode.lm import SVFlowLM  # noqa: E402
 
 # The two architectures: every solver runs on "flow"; "post_ln" is the standard Transformer.
@@ -70,18 +76,29 @@ class Run:
 
 def sweep_runs(K: int) -> list[Run]:
     """The reference, the matched-parameter runs (K steps), and the extra matched-FLOPs runs (2K evaluations)."""
-    matched_params = [Run("flow", m, K) for m in ("euler", "midpoint", "heun", "rk4")]
+    matched_params = [Run("flow", m, K) for m in ("euler", "midpoint", "heun", "rk4", "rkmk4")]
     return [Run("post_ln", "euler", K), *matched_params, Run("flow", "dopri5", None),
-            Run("flow", "euler", 2 * K), Run("flow", "rk4", K // 2)]
+            Run("flow", "euler", 2 * K), Run("flow", "rk4", K // 2), Run("flow", "rkmk4", K // 2)]
 
 
-def build(arch: str, method: str, steps: int | None, args) -> SVFlowLM:
-    """An ``SVFlowLM`` of the sweep's size; adaptive methods get the dopri5 tolerance and NFE cap."""
-    return SVFlowLM(
-        args.vocab_size, args.d_model, args.heads, args.layers, max_len=args.context, method=method,
-        steps=steps, rtol=args.dopri5_tol, atol=args.dopri5_tol, max_nfe=args.dopri5_max_nfe,
-        **ARCHITECTURES[arch],
-    )
+def config(run: Run, args) -> dict:
+    """``SVFlowLM`` keyword arguments of the sweep's size; adaptive methods get the dopri5 tolerance and NFE cap."""
+    return dict(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.heads, n_layers=args.layers,
+                max_len=args.context, method=run.method, steps=run.steps, rtol=args.dopri5_tol,
+                atol=args.dopri5_tol, max_nfe=args.dopri5_max_nfe, **ARCHITECTURES[run.arch])
+
+
+def validation_windows(data: CharData, args) -> torch.Tensor:
+    """The fixed validation windows ``(val_windows, context + 1)`` every run is scored on."""
+    return data.windows("val", args.val_windows, args.context + 1, torch.Generator().manual_seed(1234))
+
+
+def load_run(path: Path) -> tuple[SVFlowLM, dict]:
+    """A model saved by the sweep (see the module docstring), in eval mode, and its saved dict."""
+    saved = torch.load(path, weights_only=True)
+    model = SVFlowLM(**saved["config"])
+    model.load_state_dict(saved["state_dict"])
+    return model.eval(), saved
 
 
 @torch.no_grad()
@@ -101,7 +118,7 @@ def evaluate(model, windows: torch.Tensor, method: str | None = None, steps: int
 def train_run(run: Run, seed: int, data: CharData, val: torch.Tensor, args) -> tuple[dict, SVFlowLM | None]:
     """Train one configuration from ``seed``; returns its csv row and the model (None if it failed)."""
     torch.manual_seed(seed)  # same seed, same architecture: the same initial weights for every solver
-    model = build(run.arch, run.method, run.steps, args)
+    model = SVFlowLM(**config(run, args))
     nfes = []
 
     def forward(model, ids):
@@ -125,31 +142,6 @@ def train_run(run: Run, seed: int, data: CharData, val: torch.Tensor, args) -> t
             "s_per_step": wall / args.steps}, model
 
 
-def training_step_seconds(model: SVFlowLM, data: CharData, args) -> float:
-    """Wall time of one forward and backward pass on a training batch."""
-    w = data.windows("train", args.batch, args.context + 1, torch.Generator().manual_seed(0))
-    start = time.perf_counter()
-    logits = model(w[:, :-1]).logits
-    F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten()).backward()
-    return time.perf_counter() - start
-
-
-def rkmk4_row(model: SVFlowLM, run: Run, seed: int, val: torch.Tensor, args) -> dict:
-    """RKMK4 integrating an RK4-trained field, against RK4 on the same validation windows."""
-    subset = val[: args.rkmk4_windows]
-    start = time.perf_counter()
-    loss, nfe = evaluate(model, subset, method="rkmk4", steps=run.steps, batch_size=8)
-    wall = time.perf_counter() - start
-    rk4_loss, _ = evaluate(model, subset)
-    forward = training_flops_per_token(model, nfe, args.context) / 3
-    return {"run": f"rkmk4 ×{run.steps} (eval of {run.name})", "arch": run.arch, "method": "rkmk4",
-            "steps": run.steps, "seed": seed, "status": "eval only", "nfe_eval": nfe, "val_loss_subset": loss,
-            "rk4_val_loss_subset": rk4_loss, "forward_flops_per_token": forward,
-            "forward_commutator_flops_per_token": rkmk_commutator_flops_per_token(
-                args.d_model, stages=4, order=4, steps=run.steps),
-            "eval_wall_s": wall, "rkmk4_train_step_s": args.rkmk4_step_s}
-
-
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -167,7 +159,7 @@ def paired(rows: list[dict], name: str, baseline: str) -> tuple[float, float, in
 def summary(rows: list[dict]) -> dict[str, dict]:
     """Per run name: means and stds over the seeds that finished."""
     out = {}
-    for name in dict.fromkeys(r["run"] for r in rows if r["status"] != "eval only"):
+    for name in dict.fromkeys(r["run"] for r in rows):
         mine = [r for r in rows if r["run"] == name]
         ok = [r for r in mine if r["status"] == "ok"]
         s = {"seeds": len(mine), "ok": len(ok), "params": mine[0]["params"], "method": mine[0]["method"],
@@ -259,12 +251,17 @@ def write_md(rows, stats, args, source: str, path: Path) -> None:
         f"{args.context} characters, each solver integrating as it was trained. dopri5: rtol = atol = "
         f"{args.dopri5_tol:g}, NFE cap {args.dopri5_max_nfe} per block (the solve restarts at each of the "
         f"{K} block boundaries, where the interpolated parameters kink, and spends 2 evaluations choosing a "
-        "first step each time: at least 8 per block).",
+        "first step each time: at least 8 per block). RKMK4 moves each token by rotations exp(θ) generated by the "
+        "field's tangent part (RKMK has no relaxed mode: the normal part that rescales a relaxed step is dropped), "
+        "through `manifolds.LowRankSphereAction`, which keeps θ factored over the step's points and field values "
+        "(exact; no d × d matrices).",
         "",
         "FLOPs (`svflow_ode.flops`): matmul FLOPs per token of every field evaluation (q/k/v/output projections, "
         "scores and weighted sum over the full context, FFN) times the measured NFE, plus the head (the embedding "
         "is a lookup); training = 3 × forward. NFE per forward is the training mean (dopri5's varies); with Lie "
-        "splitting (post-LN) attention and FFN count as one evaluation each, unsplit as one together.",
+        "splitting (post-LN) attention and FFN count as one evaluation each, unsplit as one together. RKMK4's "
+        "Lie-algebra arithmetic is not counted (per token and step: k × k matrices with k ≤ 8 and d × k products, "
+        "`manifolds.LowRankSphereAction`); it shows in the wall time.",
         "",
         "Mean ± std over seeds:",
         "",
@@ -280,34 +277,7 @@ def write_md(rows, stats, args, source: str, path: Path) -> None:
     failures = [r for r in rows if r["status"].startswith("failed")]
     for r in failures:
         lines.append(f"\nFailed: {r['run']} seed {r['seed']}: {r['status']}")
-    lines += ["", f"Pareto front (loss vs training FLOPs, seed means): {' → '.join(front)}.", ""]
-
-    lines += ["## RKMK4 (evaluated, not trained)", ""]
-    rk = [r for r in rows if r["status"] == "eval only"]
-    if rk:
-        d = rk[0]["forward_commutator_flops_per_token"] / rk[0]["forward_flops_per_token"]
-        lines += [
-            f"Training RKMK4 was cut: one RKMK4 training step (forward and backward, {K} steps, batch "
-            f"{args.batch}) took {args.rkmk4_step_s:.1f} s here, against {stats[euler_k]['s_per_step'][0]:.3f} s for "
-            f"{euler_k}: {args.steps} steps × {len(args.seeds)} seeds would take "
-            f"{args.rkmk4_step_s * args.steps * len(args.seeds) / 3600:.1f} h. RKMK4 moves every token by d × d "
-            "rotation matrices (matrix exponentials and commutators, O(d³) per token): its commutators alone cost "
-            f"≥ {d:.0f}× the counted forward FLOPs of the same solve at d = {args.d_model}, before the "
-            "exponentials. Instead RKMK4 integrates the RK4-trained fields with RK4's step counts, on the first "
-            f"{args.rkmk4_windows} validation windows (mean ± std over seeds):",
-            "",
-            "| run | NFE | RKMK4 val loss | RK4 val loss (same field, same windows) | RKMK4 − RK4 | eval wall s |",
-            "|---|---|---|---|---|---|",
-        ]
-        for name in dict.fromkeys(r["run"] for r in rk):
-            mine = [r for r in rk if r["run"] == name]
-            diff = mean_std([r["val_loss_subset"] - r["rk4_val_loss_subset"] for r in mine])
-            lines.append(
-                f"| {name} | {mine[0]['nfe_eval']:.0f} | {fmt(mean_std([r['val_loss_subset'] for r in mine]))} "
-                f"| {fmt(mean_std([r['rk4_val_loss_subset'] for r in mine]))} | {fmt(diff)} "
-                f"| {statistics.mean(r['eval_wall_s'] for r in mine):.1f} |"
-            )
-
+    lines += ["", f"Pareto front (loss vs training FLOPs, seed means): {' → '.join(front)}."]
     lines += ["", "## Verdict (computed from the runs above)", "",
               "A difference counts as beyond seed noise when it is more than 2 standard errors of the paired "
               f"(same-seed) difference; the stretch goal is ≥ {args.margin} nats lower and beyond noise.", "",
@@ -374,30 +344,31 @@ def main(argv=None):
     parser.add_argument("--val-windows", type=int, default=128)
     parser.add_argument("--dopri5-tol", type=float, default=1.0, help="rtol = atol of dopri5")
     parser.add_argument("--dopri5-max-nfe", type=int, default=200, help="dopri5's NFE cap per block")
-    parser.add_argument("--rkmk4-windows", type=int, default=32, help="validation windows RKMK4 integrates")
     parser.add_argument("--margin", type=float, default=0.02, help="stretch goal, nats")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscribing a shared CPU)")
     parser.add_argument("--smoke", action="store_true", help="tiny and fast: checks the pipeline only")
     parser.add_argument("--out", type=Path, default=Path("experiments/results/solver_sweep"))
+    parser.add_argument("--save-dir", type=Path, default=Path("runs/solver_sweep"),
+                        help="where every trained model is saved (see the module docstring)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.steps, args.seeds, args.d_model, args.heads, args.layers = 3, [0, 1], 16, 2, 2
-        args.context, args.batch, args.val_windows, args.rkmk4_windows = 16, 4, 8, 2
+        args.context, args.batch, args.val_windows = 16, 4, 8
     torch.set_num_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     data = CharData.load(args.data)
     args.vocab_size = len(data.vocab)
-    val = data.windows("val", args.val_windows, args.context + 1, torch.Generator().manual_seed(1234))
+    val = validation_windows(data, args)
+    args.save_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    torch.manual_seed(0)
-    args.rkmk4_step_s = training_step_seconds(build("flow", "rkmk4", args.layers, args), data, args)
     rows = []
     jobs = [(seed, run) for seed in args.seeds for run in sweep_runs(args.layers)]
     for seed, run in tqdm(jobs, desc="solver sweep"):
         row, model = train_run(run, seed, data, val, args)
         rows.append(row)
-        if model is not None and run.method == "rk4":
-            rows.append(rkmk4_row(model, run, seed, val, args))
+        if model is not None:
+            path = args.save_dir / f"{run.arch}_{run.method}_{run.steps or 'adaptive'}_seed{seed}.pt"
+            torch.save({"config": config(run, args), "state_dict": model.state_dict(), **row}, path)
         write_csv(rows, args.out.with_suffix(".csv"))  # partial results survive an interruption
     stats = summary(rows)
     front = pareto({n: (s["train_flops_per_token"][0], s["val_loss"][0]) for n, s in stats.items() if s["ok"]})

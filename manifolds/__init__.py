@@ -8,13 +8,15 @@ Lie-group solvers need.
 from geoopt import Euclidean
 
 from .chart import AffineChart
-from .lie import SOnAction, SphereAction, StiefelAction, bracket
+from .lie import LowRankSkew, LowRankSphereAction, SOnAction, SphereAction, StiefelAction, bracket
 from .sphere import LayerNormSphere, Sphere, SphereExact
 
 __all__ = [
     "AffineChart",
     "Euclidean",
     "LayerNormSphere",
+    "LowRankSkew",
+    "LowRankSphereAction",
     "SOnAction",
     "Sphere",
     "SphereAction",

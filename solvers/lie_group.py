@@ -6,10 +6,16 @@ from typing import Callable
 
 import torch
 
-from .runge_kutta import combine
 from .tableau import ButcherTableau
 
 __all__ = ["RKMK"]
+
+
+def _weighted_sum(ks: list, weights, h: float):
+    """``h sum_j weights[j] ks[j]`` over the nonzero weights, with ``+`` and ``*`` by a number only:
+    the action decides how algebra elements are stored (dense matrices or factored)."""
+    terms = [k * (h * w) for k, w in zip(ks, weights) if w]
+    return sum(terms[1:], terms[0])
 
 
 class RKMK:
@@ -26,7 +32,7 @@ class RKMK:
 
     Args:
         tableau: an explicit tableau (Heun gives RKMK2, classic RK4 gives RKMK4).
-        action: e.g. ``manifolds.SphereAction``; its ``manifold`` is where the state lives.
+        action: e.g. ``manifolds.LowRankSphereAction``; its ``manifold`` is where the state lives.
     """
 
     adaptive = False
@@ -51,8 +57,8 @@ class RKMK:
             if i == 0:
                 ks.append(act.generator(x, f(ti, x)))
                 continue
-            theta = combine(None, ks, tab.a[i], h)
+            theta = _weighted_sum(ks, tab.a[i], h)
             xi = act.act(act.exp(theta), x)
             ks.append(act.dexpinv(theta, act.generator(xi, f(ti, xi)), tab.order))
-        theta = combine(None, ks, tab.b, h)
+        theta = _weighted_sum(ks, tab.b, h)
         return manifold.projx(act.act(act.exp(theta), x)), None, None

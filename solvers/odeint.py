@@ -12,7 +12,7 @@ import torch
 import torchdiffeq
 from torch import nn
 
-from manifolds import SphereAction, StiefelAction
+from manifolds import LowRankSphereAction, StiefelAction
 
 from .controllers import ConstantStepSize, PIController
 from .lie_group import RKMK
@@ -34,7 +34,7 @@ def _action_for(manifold):
     if isinstance(manifold, geoopt.Stiefel):
         return StiefelAction(manifold)
     if isinstance(manifold, geoopt.Sphere):
-        return SphereAction(manifold)
+        return LowRankSphereAction(manifold)  # exact, and O(n) per token instead of SphereAction's O(n^3)
     raise ValueError(
         f"Lie-group methods need a manifold with an SO(n) action (a Sphere or a Stiefel manifold), "
         f"got {manifold!r}"

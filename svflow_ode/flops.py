@@ -10,9 +10,9 @@ Chinchilla (Hoffmann et al. 2022, appendix F):
 - the readout head: ``2 * d * vocab``; the embedding is a table lookup and costs no matmul FLOPs.
 
 Norms, retractions, softmax, the interpolation of continuous-in-time parameters (per batch, not
-per token) and solver arithmetic are not counted. Lie-group solvers (RKMK) also multiply d x d
-matrices per token; ``rkmk_commutator_flops_per_token`` counts the part of that which is plain
-matmuls. Training costs 3x the forward (the backward pass is twice the forward).
+per token) and solver arithmetic are not counted, including the Lie-algebra arithmetic of RKMK on
+the sphere (``manifolds.LowRankSphereAction``: O(d k^2) per token and stage with k <= 2 x stages).
+Training costs 3x the forward (the backward pass is twice the forward).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .model import SVFlow
 
 __all__ = [
     "field_flops_per_token", "evaluations_per_term", "forward_flops_per_token",
-    "training_flops_per_token", "rkmk_commutator_flops_per_token",
+    "training_flops_per_token",
 ]
 
 
@@ -72,15 +72,3 @@ def training_flops_per_token(model: SVFlow, nfe: float, context: int) -> float:
     """3x ``forward_flops_per_token``: forward plus a backward pass costing twice as much."""
     return 3 * forward_flops_per_token(model, nfe, context)
 
-
-def rkmk_commutator_flops_per_token(d: int, stages: int, order: int, steps: int) -> int:
-    """Lower bound on the extra matmul FLOPs per token of a forward RKMK solve on a d-sphere.
-
-    Every stage after the first applies ``dexpinv`` with ``order - 2`` commutators (2 d x d
-    matmuls each, ``2 d^3`` FLOPs per matmul) and every stage acts on the point with a group
-    element (a d x d matrix-vector product). The matrix exponentials (several d x d matmuls each,
-    their number chosen at run time from the norm) are not counted.
-    """
-    commutators = (stages - 1) * max(order - 2, 0) * 2 * 2 * d**3
-    actions = stages * 2 * d * d
-    return steps * (commutators + actions)

@@ -1,10 +1,13 @@
 """Each solver/depth/re-integration experiment's --smoke run regenerates its md, csv and png."""
 
+import argparse
+
 import pytest
 import torch
 from smoke_outputs import assert_outputs, read_csv
 
 from experiments import depth_sweep, reintegrate_minilm, solver_sweep
+from experiments.char_lm import CharData
 
 STAGES = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "rkmk4": 4}
 
@@ -19,28 +22,33 @@ def _threads():
 
 def test_solver_sweep_smoke(tmp_path):
     out = tmp_path / "solver_sweep"
-    solver_sweep.main(["--smoke", "--out", str(out)])
+    solver_sweep.main(["--smoke", "--out", str(out), "--save-dir", str(tmp_path / "models")])
     assert_outputs(out)
     rows = read_csv(out.with_suffix(".csv"))
-    trained = [r for r in rows if r["status"] != "eval only"]
-    assert all(r["status"] == "ok" for r in trained)
+    assert all(r["status"] == "ok" for r in rows)
     K = 2  # the smoke run's parameter sets
-    assert {r["run"] for r in trained} == {
-        f"post-LN Transformer (euler ×{K})", f"euler ×{K}", f"midpoint ×{K}", f"heun ×{K}", f"rk4 ×{K}", "dopri5",
-        f"euler ×{2 * K}", f"rk4 ×{K // 2}",
+    assert {r["run"] for r in rows} == {
+        f"post-LN Transformer (euler ×{K})", f"euler ×{K}", f"midpoint ×{K}", f"heun ×{K}", f"rk4 ×{K}",
+        f"rkmk4 ×{K}", "dopri5", f"euler ×{2 * K}", f"rk4 ×{K // 2}", f"rkmk4 ×{K // 2}",
     }
-    for r in trained:
+    for r in rows:
         if r["method"] != "dopri5":
             terms = 2 if r["arch"] == "post_ln" else 1  # Lie splitting counts attention and FFN apart
             assert float(r["nfe_train"]) == int(r["steps"]) * STAGES[r["method"]] * terms
     # Matched FLOPs: every 2K-evaluation run costs the same; dopri5 needs at least 8 evaluations per block.
-    matched = (f"euler ×{2 * K}", f"midpoint ×{K}", f"heun ×{K}", f"rk4 ×{K // 2}")
-    budget = {float(r["train_flops_per_token"]) for r in trained if r["run"] in matched}
+    matched = (f"euler ×{2 * K}", f"midpoint ×{K}", f"heun ×{K}", f"rk4 ×{K // 2}", f"rkmk4 ×{K // 2}")
+    budget = {float(r["train_flops_per_token"]) for r in rows if r["run"] in matched}
     assert len(budget) == 1
-    assert all(float(r["nfe_train"]) >= 8 * K for r in trained if r["method"] == "dopri5")
-    evaluated = {f"rkmk4 ×{k} (eval of rk4 ×{k})" for k in (K, K // 2)}
-    assert {r["run"] for r in rows if r["method"] == "rkmk4"} == evaluated
+    assert all(float(r["nfe_train"]) >= 8 * K for r in rows if r["method"] == "dopri5")
     assert "## Verdict" in out.with_suffix(".md").read_text()
+    # Every trained model is saved, and rebuilds to the validation loss it was saved with.
+    saved = sorted((tmp_path / "models").glob("*.pt"))
+    assert len(saved) == len(rows)
+    model, record = solver_sweep.load_run(tmp_path / "models" / f"flow_rkmk4_{K}_seed1.pt")
+    args = argparse.Namespace(val_windows=8, context=16)  # the smoke run's
+    val = solver_sweep.validation_windows(CharData.load(solver_sweep.DATA), args)
+    assert solver_sweep.evaluate(model, val)[0] == pytest.approx(record["val_loss"], rel=1e-6)
+    assert record["run"] == f"rkmk4 ×{K}" and record["seed"] == 1
 
 
 def test_depth_sweep_smoke(tmp_path):

@@ -8,7 +8,6 @@ from svflow_ode.flops import (
     evaluations_per_term,
     field_flops_per_token,
     forward_flops_per_token,
-    rkmk_commutator_flops_per_token,
     training_flops_per_token,
 )
 from svflow_ode.lm import SVFlowLM
@@ -64,10 +63,3 @@ def test_term_evaluations_match_calls(splitting, method):
     assert evaluations_per_term(model, out.stats.nfe) == [calls[AttentionField], calls[FFNField]]
     flops = calls[AttentionField] * ATTENTION + calls[FFNField] * FFN + HEAD
     assert forward_flops_per_token(model, out.stats.nfe, T) == pytest.approx(flops)
-
-
-def test_rkmk_commutators_by_hand():
-    # RKMK4: 3 later stages x 2 commutators x 2 matmuls x 2*d^3, plus 4 actions x 2*d^2, per step.
-    assert rkmk_commutator_flops_per_token(d=4, stages=4, order=4, steps=3) == 3 * (3 * 2 * 2 * 2 * 64 + 4 * 2 * 16)
-    # RKMK2 truncates dexpinv before any commutator.
-    assert rkmk_commutator_flops_per_token(d=4, stages=2, order=2, steps=1) == 2 * 2 * 16

@@ -263,6 +263,30 @@ def test_dexp_is_the_derivative_of_matrix_exp():
     torch.testing.assert_close(dexp(theta, k), series, rtol=0, atol=1e-13)
 
 
+def test_low_rank_sphere_action_matches_the_dense_one():
+    # Every operation an RKMK step uses, on elements of well over unit size (the exponential is
+    # far from its Taylor start), including sums whose columns are not blocks of the union and a
+    # generator that repeats a column.
+    sphere = manifolds.Sphere(2.5)
+    dense, low = manifolds.SphereAction(sphere), manifolds.LowRankSphereAction(sphere)
+    xs = sphere.projx(torch.randn(3, 4, D, dtype=F64))
+    us = 3.0 * torch.randn(3, 4, D, dtype=F64)
+    (d1, l1), (d2, l2), (d3, l3) = [(dense.generator(x, u), low.generator(x, u)) for x, u in zip(xs, us)]
+
+    def same(lr: manifolds.LowRankSkew, matrix: torch.Tensor):
+        torch.testing.assert_close(lr.dense(), matrix, rtol=0, atol=1e-12)
+
+    same(l1, d1)
+    theta_l, theta_d = (l3 + l1) + (l2 + l1) * -0.5, (d3 + d1) - 0.5 * (d2 + d1)
+    same(theta_l, theta_d)
+    same(low.generator(xs[0], xs[0]) + l1, d1)
+    same(low.bracket(theta_l, l2), manifolds.bracket(theta_d, d2))
+    same(low.dexpinv(theta_l, l2, 4), dense.dexpinv(theta_d, d2, 4))
+    moved = low.act(low.exp(theta_l), xs[0])
+    torch.testing.assert_close(moved, dense.act(dense.exp(theta_d), xs[0]), rtol=0, atol=1e-12)
+    assert (moved - xs[0]).norm(dim=-1).min() > 1.0  # a large rotation, not a near-identity
+
+
 @pytest.mark.parametrize("order", [2, 3, 4, 5, 6])
 def test_dexpinv_truncation_error_has_order_minus_one(order):
     # Keeping ad^j for j <= order - 2 leaves an error O(|theta|^(order - 1)) (or better where the

@@ -4,7 +4,9 @@ Each method solves rotations of a sphere with closed-form solutions in float64 a
 the least-squares slope of log(error) against log(h) must be within 0.3 of the method's order, in
 both modes, on spheres of radius 1 and 2.5. A field with a normal part separates the modes: strict
 keeps its order, relaxed drops to first order (as ``RungeKutta``'s docstring warns). On
-``SphereExact`` Runge-Kutta methods are capped at second order but stay on the sphere.
+``SphereExact`` Runge-Kutta methods are capped at second order but stay on the sphere. RKMK runs
+on ``odeint``'s sphere action, the factored ``LowRankSphereAction``, whose solves match the dense
+``SphereAction``'s to rounding.
 """
 
 import math
@@ -89,6 +91,22 @@ def test_exact_sphere_caps_runge_kutta_at_second_order_and_stays_on_the_sphere(m
     expected = ORDER[method] if method.startswith("rkmk") else min(ORDER[method], 2)
     assert fitted_order(steps, [(y - exact).norm().item() for y in ends]) == pytest.approx(expected, abs=0.3)
     assert max(abs(y.norm().item() - 2.5) for y in ends) < 1e-12
+
+
+@pytest.mark.parametrize("tableau", [solvers.HEUN, solvers.RK4], ids=lambda tab: tab.name)
+def test_rkmk_solves_agree_on_the_low_rank_and_the_dense_sphere_action(tableau):
+    # A nonlinear field with a normal part, several points at once, large steps.
+    sphere = manifolds.Sphere(2.5)
+    w = torch.randn(D, D, dtype=F64)
+    f = lambda t, x: 3.0 * torch.tanh(x @ w.T) * (1 + t)  # noqa: E731
+    x0 = sphere.projx(torch.randn(3, D, dtype=F64))
+    ends = [
+        solvers.integrate(f, x0, torch.tensor([0.0, T], dtype=F64), solver=solvers.RKMK(tableau, action),
+                          manifold=sphere, controller=solvers.ConstantStepSize(steps=4)).ys[-1]
+        for action in (manifolds.SphereAction(sphere), manifolds.LowRankSphereAction(sphere))
+    ]
+    torch.testing.assert_close(ends[1], ends[0], rtol=0, atol=1e-12)
+    assert (ends[0] - x0).norm(dim=-1).min() > 1.0  # they went somewhere
 
 
 @pytest.mark.parametrize("tableau", [solvers.BOSH3, solvers.DOPRI5], ids=lambda tab: tab.name)
