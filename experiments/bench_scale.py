@@ -5,7 +5,12 @@
    summed field, continuous-in-time parameters, Euler).
    Memory is reported two ways: the bytes of activations saved for backward at the end of the
    forward pass (deterministic: the quantity that grows with depth), and the peak resident-set
-   growth of a fresh process running one training step (real, includes the backward pass).
+   growth of a fresh process running one training step (real, includes the backward pass). The
+   latter runs with glibc's mmap threshold fixed at 64 KiB, so that every freed tensor goes back
+   to the system and the resident set follows the live tensors: with the default (adaptive)
+   threshold freed blocks stay in the heap, and the resident set of identical runs varies by
+   up to 3x (64 checkpointed steps: 93 to 303 MiB over 9 runs on a 2-core x86_64 machine).
+   jemalloc follows the live tensors too.
 2. Step time and memory vs sequence length (Euler, backprop).
 3. Compiled vs eager training step, and the Euler SVFlow vs an equally sized plain PyTorch
    Transformer (both compiled and both eager), interleaved repeats.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -104,8 +110,9 @@ def _rss_child(spec: str) -> None:
 
 def peak_rss_growth(steps: int, gradient: str, batch: int, seq: int) -> int:
     spec = json.dumps({"steps": steps, "gradient": gradient, "batch": batch, "seq": seq})
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors leave the resident set
     out = subprocess.run([sys.executable, "-m", "experiments.bench_scale", "--rss-child", spec],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["rss_growth"]
 
 
@@ -119,12 +126,14 @@ def median_time(fn, repeats: int) -> float:
 
 
 def interleaved(fns: dict, repeats: int) -> dict:
-    """Median seconds per call of each function, calls interleaved so drift hits all alike."""
+    """Median seconds per call of each function, calls interleaved so drift hits all alike; each
+    round starts one function later, so none always runs right after the same one."""
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -149,6 +158,10 @@ def train_flops(d: int, layers: int, seq: int, batch: int, vocab: int, nfe_per_l
     return 3 * (layers * nfe_per_layer * (attn + ffn) + head)
 
 
+def load() -> str:
+    return "load average " + ", ".join(f"{v:.1f}" for v in os.getloadavg()) + f" on {os.cpu_count()} CPUs"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
@@ -159,22 +172,31 @@ def main(argv=None):
     if args.rss_child:
         return _rss_child(args.rss_child)
     torch.manual_seed(0)
+    started = time.perf_counter()
     repeats = 3 if args.quick else 10
+    depth_repeats = 1 if args.quick else 3  # a 64-step adjoint step takes seconds
     step_counts = [1, 8, 64] if args.quick else [1, 2, 4, 8, 16, 32, 64]
     batch, seq = 8, 128
     ids = torch.randint(0, VOCAB, (batch, seq))
+    threads = os.environ.get("OMP_NUM_THREADS")
+    env = f"OMP_NUM_THREADS={threads} " if threads else ""
     lines = [
         "# Depth and scale benchmarks",
         "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"float32. Command: `python -m experiments.bench_scale{' --quick' if args.quick else ''}`.",
+        f"float32. Command: `{env}python -m experiments.bench_scale{' --quick' if args.quick else ''}`. "
+        f"At the start: {load()}.",
         "",
         "## 1. Memory and time vs number of steps",
         "",
         f"Pre-LN SVFlow (Euclidean state, one summed field, continuous parameters), d=128, 4 parameter "
-        f"sets, Euler, batch {batch} x {seq} tokens. *Saved* = activation bytes autograd holds after "
-        f"the forward pass; *peak RSS* = resident-set growth of a fresh process over one training step "
-        f"(sampled every ~1 ms; includes gradients and the backward pass's transient tensors).",
+        f"sets, Euler, batch {batch} x {seq} tokens. *checkpoint* is two-level: segments of ceil(sqrt(steps)) "
+        f"steps, each step checkpointed inside its segment (`solvers.checkpointed_steps`). *Saved* = "
+        f"activation bytes autograd holds after the forward pass; *peak RSS* = resident-set growth of a "
+        f"fresh process over one training step (sampled every ~1 ms; includes gradients and the backward "
+        f"pass's transient tensors), with glibc's mmap threshold fixed at 64 KiB so that freed tensors "
+        f"leave the resident set (with the default adaptive threshold the heap keeps them, and the "
+        f"resident set varies between identical runs). Step time: median of {depth_repeats}.",
         "",
         "| gradient | steps | step time (ms) | saved (MiB) | peak RSS growth (MiB) |",
         "|---|---|---|---|---|",
@@ -184,7 +206,7 @@ def main(argv=None):
         for steps in tqdm(step_counts, desc=gradient, leave=False):
             model = depth_model(steps, gradient)
             saved = saved_activation_bytes(model, ids, ids)
-            seconds = median_time(lambda: train_step(model, ids, ids), repeats)
+            seconds = median_time(lambda: train_step(model, ids, ids), depth_repeats)
             rss = peak_rss_growth(steps, gradient, batch, seq)
             results[gradient, steps] = (saved, rss)
             lines.append(f"| {gradient} | {steps} | {1e3 * seconds:.1f} | {saved / 2**20:.1f} | {rss / 2**20:.1f} |")
@@ -217,9 +239,11 @@ def main(argv=None):
             fns[f"{name}, compiled"] = (lambda m, o: lambda: train_step(m, x, x, o))(compiled, opt)
     for name, fn in tqdm(fns.items(), desc="warm-up / compile"):
         fn(), fn()
+    before = load()
     times = interleaved(fns, 5 * repeats)
     lines += [f"Training step (forward, backward, AdamW), post-LN, d={d}, {layers} layers, batch {B} x {T}; "
-              f"median of {5 * repeats} interleaved repeats.", "", "| model | step (ms) |", "|---|---|"]
+              f"median of {5 * repeats} interleaved repeats; {before} before, {load()} after.",
+              "", "| model | step (ms) |", "|---|---|"]
     lines += [f"| {name} | {1e3 * t:.2f} |" for name, t in times.items()]
     lines.append("")
     for kind in ("eager",) + (() if args.no_compile else ("compiled",)):
@@ -236,7 +260,8 @@ def main(argv=None):
               f"Measured float32 matmul peak (1024^2 sgemm): {peak / 1e9:.1f} GFLOP/s. "
               f"Euler SVFlow training step: {flops / 1e9:.3f} GFLOP (matmuls, x3 for backward) in "
               f"{1e3 * times['SVFlow euler, eager']:.1f} ms = {achieved / 1e9:.1f} GFLOP/s, "
-              f"**{100 * achieved / peak:.0f}%** of peak (eager)."]
+              f"**{100 * achieved / peak:.0f}%** of peak (eager).",
+              "", f"Whole run: {(time.perf_counter() - started) / 60:.1f} min; at the end: {load()}."]
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

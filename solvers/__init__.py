@@ -10,6 +10,7 @@ torchdiffeq-style façade: ``solvers.odeint(f, y0, t, method="rk4", manifold=Sph
 Importing this package registers ``manifold_<method>`` names with ``torchdiffeq.odeint``.
 """
 
+from .checkpointing import checkpointed_steps
 from .controllers import ConstantStepSize, PIController
 from .errors import NonFiniteError, OffManifoldError, SolverError, StepSizeError
 from .lie_group import RKMK
@@ -25,6 +26,6 @@ __all__ = [
     "BOSH3", "DOPRI5", "EULER", "HEUN", "MIDPOINT", "RK4", "ButcherTableau",
     "ConstantStepSize", "PIController", "RKMK", "RungeKutta",
     "METHODS", "make_solver", "odeint", "odeint_adjoint", "register_torchdiffeq",
-    "Solution", "SolveStats", "integrate", "SCHEMES", "split_step",
+    "Solution", "SolveStats", "checkpointed_steps", "integrate", "SCHEMES", "split_step",
     "NonFiniteError", "OffManifoldError", "SolverError", "StepSizeError",
 ]

@@ -15,10 +15,9 @@ from typing import Sequence
 import geoopt
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from manifolds import AffineChart
-from solvers import SCHEMES, SolveStats, make_solver, odeint, odeint_adjoint, split_step
+from solvers import SCHEMES, SolveStats, checkpointed_steps, make_solver, odeint, odeint_adjoint, split_step
 
 from .fields import Interpolated, SumField, locate
 
@@ -52,7 +51,8 @@ class SVFlowOutput:
 
     ``hidden_states`` holds the embedding output and the state after every step (with the
     default one step per block: aligned with transformers' ``output_hidden_states``; the last
-    entry is after ``final_norm`` when the model has one, as in transformers).
+    entry is after ``final_norm`` when the model has one, as in transformers). Checkpointing,
+    the adjoint and adaptive methods keep fewer states: see ``SVFlow.flow``.
     """
 
     last_hidden_state: torch.Tensor  # (B, T, d)
@@ -85,7 +85,8 @@ class SVFlow(nn.Module):
         mode: "relaxed" (``retr(x + h f)``, the Transformer's form) or "strict".
         splitting: "lie" (a Transformer block: each term a full substep), "strang", or "none"
             (one step of the summed field, retracted onto the last term's manifold).
-        gradient: "backprop", "checkpoint" (recompute each step in the backward pass) or
+        gradient: "backprop", "checkpoint" (recompute the steps in the backward pass, two-level:
+            memory like ``2 sqrt(steps)`` states, see ``solvers.checkpointed_steps``) or
             "adjoint" (continuous adjoint, ``solvers.odeint_adjoint``: memory flat in the steps;
             strict mode or Euclidean state, ``splitting="none"``; its gradient is the exact
             flow's, which differs from the discrete one by the solver's error).
@@ -167,7 +168,8 @@ class SVFlow(nn.Module):
     def flow(self, x: torch.Tensor, *, method: str, steps: int, context: dict):
         """Integrate from the embedded state; returns the states and the stats.
 
-        Fixed-step methods with backprop or checkpointing return the state after every step.
+        Fixed-step methods return the state after every step, except when checkpointing with
+        gradients enabled: the two ends only (holding every state would undo the memory saving).
         Adaptive methods (bosh3, dopri5: ``rtol``/``atol``/``max_nfe``) and the adjoint solve
         piece by piece and return the states at the pieces' ends: the block boundaries, or the
         two ends for shared parameters (and for continuous ones with fixed steps).
@@ -177,22 +179,22 @@ class SVFlow(nn.Module):
         if solver.adaptive or self.gradient == "adjoint":
             return self._flow_by_pieces(x, method, solver.adaptive, steps, context)
         scheme = "lie" if self.splitting == "none" else self.splitting
-        stats = SolveStats()
         h = self.horizon / steps
+
+        def step(n: int, x: torch.Tensor) -> torch.Tensor:
+            k = n * len(self.blocks) // steps if self.time == "per_step" else None
+            return split_step(solver, self._terms(k, n * h, context), n * h, x, h, scheme)
+
+        # Counted here, not inside the fields: a side effect would break torch.compile's graph
+        # under checkpointing. Strang takes every term but the last twice.
+        terms = 1 if self.splitting == "none" else len(self.blocks[0].terms)
+        substeps = terms if scheme == "lie" else 2 * terms - 1
+        stats = SolveStats(steps=steps, nfe=steps * substeps * solver.tableau.stages)
+        if self.gradient == "checkpoint" and torch.is_grad_enabled():
+            return [x, checkpointed_steps(step, x, steps)], stats
         states = [x]
         for n in range(steps):
-            k = n * len(self.blocks) // steps if self.time == "per_step" else None
-            terms = self._terms(k, n * h, context)
-            # Counted here, not inside the fields: a side effect would break torch.compile's
-            # graph under checkpointing. Strang takes every term but the last twice.
-            substeps = len(terms) if scheme == "lie" else 2 * len(terms) - 1
-            stats.nfe += substeps * solver.tableau.stages
-            if self.gradient == "checkpoint" and torch.is_grad_enabled():
-                x = checkpoint(split_step, solver, terms, n * h, x, h, scheme, use_reentrant=False)
-            else:
-                x = split_step(solver, terms, n * h, x, h, scheme)
-            stats.steps += 1
-            states.append(x)
+            states.append(step(n, states[-1]))
         return states, stats
 
     def _flow_by_pieces(self, x, method: str, adaptive: bool, steps: int, context: dict):

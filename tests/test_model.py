@@ -58,14 +58,15 @@ def test_strang_splitting_is_second_order_and_lie_first():
         assert abs(fitted - order) < 0.3, (scheme, fitted)
 
 
-def test_checkpointed_gradients_equal_backprop():
+@pytest.mark.parametrize("steps", [3, 12])  # checkpoints per step; two levels (segments of 4)
+def test_checkpointed_gradients_equal_backprop(steps):
     model = _lm(norm="post_ln")
     ids = torch.randint(0, 20, (2, 8))
     grads = []
     for mode in ("backprop", "checkpoint"):
         model.gradient = mode
         model.zero_grad()
-        model(ids, method="heun", steps=3).logits.square().mean().backward()
+        model(ids, method="heun", steps=steps).logits.square().mean().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     for g1, g2 in zip(*grads):
         torch.testing.assert_close(g1, g2, rtol=0, atol=1e-12)

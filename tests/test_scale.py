@@ -12,10 +12,12 @@ def _lm(**kw):
     return SVFlowLM(**{"vocab_size": 20, "d_model": 16, "n_heads": 2, "n_layers": 2, "max_len": 8, **kw})
 
 
-@pytest.mark.parametrize("method,gradient", [("euler", "backprop"), ("rk4", "checkpoint"), ("heun", "backprop")])
-def test_fixed_step_path_compiles_without_graph_breaks(method, gradient):
+@pytest.mark.parametrize("method,gradient,steps", [
+    ("euler", "backprop", 4), ("rk4", "checkpoint", 4), ("euler", "checkpoint", 8), ("heun", "backprop", 4),
+])  # 8 checkpointed steps: two levels (segments of 3)
+def test_fixed_step_path_compiles_without_graph_breaks(method, gradient, steps):
     torch._dynamo.reset()
-    model = _lm(method=method, steps=4, gradient=gradient)
+    model = _lm(method=method, steps=steps, gradient=gradient)
     ids = torch.randint(0, 20, (2, 8))
     explained = torch._dynamo.explain(lambda ids: model(ids).logits)(ids)
     assert explained.graph_break_count == 0, explained.break_reasons

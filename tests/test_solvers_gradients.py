@@ -1,11 +1,14 @@
 """Gradients through every solver are right: gradcheck in float64, and the adjoint agrees.
 
 ``torch.autograd.gradcheck`` compares autograd against finite differences through every method in
-"backprop" and "checkpoint" modes, w.r.t. the initial point and a field parameter. The continuous
+"backprop" and "checkpoint" modes, w.r.t. the initial point and a field parameter (RKMK on
+``odeint``'s ``LowRankSphereAction``, whose gradients equal the dense ``SphereAction``'s). The continuous
 adjoint (``solvers.odeint_adjoint``) matches finite differences of a tight solve, agrees with
 backprop up to the solver's error (and the gap shrinks at the method's order), and is refused
 where it is not sound.
 """
+
+import math
 
 import pytest
 import torch
@@ -69,6 +72,37 @@ def test_checkpoint_gives_the_same_gradient_as_backprop():
         out.pow(2).sum().backward()
         grads[gradient] = torch.cat([z.grad, field.w.grad.flatten(), field.b.grad])
     torch.testing.assert_close(grads["checkpoint"], grads["backprop"], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [7, 10, 64])
+def test_two_level_checkpointing_keeps_one_state_per_segment(n):
+    torch.manual_seed(0)
+    w = torch.randn(3, 3, dtype=F64, requires_grad=True)
+    x0 = torch.randn(3, dtype=F64, requires_grad=True)
+    step = lambda i, x: torch.tanh(x @ w.T) + 0.1 * i  # noqa: E731
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = solvers.checkpointed_steps(step, x0, n)
+    size = math.ceil(math.sqrt(n))
+    assert len(saved) == math.ceil(n / size)  # the segments' inputs, not one state per step
+    x = x0
+    for i in range(n):
+        x = step(i, x)
+    for got, want in zip(torch.autograd.grad(out.sum(), (x0, w)), torch.autograd.grad(x.sum(), (x0, w))):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_low_rank_sphere_action_gives_the_dense_actions_gradients():
+    grads = []
+    for action in (manifolds.SphereAction(SPHERE), manifolds.LowRankSphereAction(SPHERE)):
+        torch.manual_seed(1)
+        field = TanhField(5)
+        z = torch.randn(2, 5, dtype=F64, requires_grad=True)
+        ys = solvers.integrate(field, SPHERE.projx(z), T, solver=solvers.RKMK(solvers.RK4, action), manifold=SPHERE,
+                               controller=solvers.ConstantStepSize(steps=4)).ys
+        ys.pow(3).sum().backward()
+        grads.append(torch.cat([z.grad.flatten(), field.w.grad.flatten(), field.b.grad]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-10)
 
 
 def adjoint_fn(field: TanhField, method: str, options: dict, tol: float):
