@@ -1,6 +1,8 @@
 """Errors a solve raises: each names where (time, step) and how (step size, NFE) it failed."""
 
-__all__ = ["SolverError", "NonFiniteError", "StepSizeError", "OffManifoldError"]
+import torch
+
+__all__ = ["SolverError", "NonFiniteError", "StepSizeError", "OffManifoldError", "describe"]
 
 
 class SolverError(RuntimeError):
@@ -17,3 +19,12 @@ class StepSizeError(SolverError):
 
 class OffManifoldError(ValueError):
     """The initial state is not on the manifold."""
+
+
+def describe(x: torch.Tensor) -> str:
+    """A tensor in one line for a non-finite report: shape, NaN and inf counts, range of the rest."""
+    x = x.detach()
+    finite = x[torch.isfinite(x)].double()
+    rest = (f"finite entries min {finite.min():.4g}, max {finite.max():.4g}, mean {finite.mean():.4g}"
+            if finite.numel() else "no finite entries")
+    return f"shape {tuple(x.shape)}, {int(x.isnan().sum())} nan and {int(x.isinf().sum())} inf; {rest}"

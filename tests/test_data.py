@@ -1,5 +1,7 @@
 """The data modules: splits, vocabulary, targets correct by construction, determinism."""
 
+import re
+
 import pytest
 import torch
 
@@ -49,6 +51,23 @@ def test_char_vocabulary_travels_with_the_state(text_file, tmp_path):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.txt"):
         CharDataModule(str(tmp_path / "nowhere.txt"))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "is empty"),
+        (b"text\x00\x01\x02", "looks binary (a NUL byte at offset 4): CharDataModule reads text"),
+        ("café au lait".encode("latin-1"), "is not UTF-8 text: byte 0xe9 at offset 3 (invalid continuation byte)"),
+        (b"0123456789", "the training split has 9 characters, fewer than block_size + 1 = 17"),
+    ],
+)
+def test_unusable_text_files_are_refused_with_the_reason(tmp_path, content, message):
+    path = tmp_path / "data.txt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(f"{path}")) as info:
+        CharDataModule(str(path), block_size=16)
+    assert message in str(info.value)
 
 
 def test_validation_is_fixed_and_training_is_step_seeded(text_file):

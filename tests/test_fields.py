@@ -1,6 +1,7 @@
 """SVFlow fields: the diagnostics path equals the fast path, and each field is the formula it claims."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -31,6 +32,17 @@ def test_attention_posterior_path_equals_fast_path(causal, kv, rope):
     assert (q[1, :, :, -2:] == 0).all(), "padding keys must get zero posterior mass"
     if causal:
         assert (q.triu(1) == 0).all(), "future tokens must get zero posterior mass"
+
+
+@pytest.mark.parametrize("shape", [(2, 6), (3, 7), (2, 7, 1)])
+def test_attention_mask_of_the_wrong_shape_is_named(shape):
+    # Without the check these broadcast silently or fail inside scaled_dot_product_attention.
+    field, x = AttentionField(16, 4, causal=True), torch.randn(2, 7, 16)
+    for run in (lambda: field(0.0, x, attention_mask=torch.ones(shape)),
+                lambda: field.posterior(x, attention_mask=torch.ones(shape))):
+        with pytest.raises(ValueError, match=re.escape(f"must be (batch, sequence) = (2, 7), got {shape}")):
+            run()
+    field(0.0, x, attention_mask=torch.ones(1, 7))  # one mask for the whole batch broadcasts
 
 
 def test_attention_logits_are_kappa_times_cosine():

@@ -86,7 +86,8 @@ def test_a_nan_mid_solve_names_the_step_and_time():
     def field(t, x):
         return x * torch.sqrt(1.25 - t)  # NaN once t > 1.25, i.e. inside step 13 of h = 0.1
 
-    with pytest.raises(solvers.NonFiniteError, match=re.escape("at step 13 (t=1.3, h=0.1)")):
+    message = "at step 13 (t=1.3, h=0.1): shape (3,), 3 nan and 0 inf; no finite entries"
+    with pytest.raises(solvers.NonFiniteError, match=re.escape(message)):
         solvers.odeint(field, torch.ones(3, dtype=F64), torch.tensor([0.0, 2.0], dtype=F64),
                        method="rk4", options={"step_size": 0.1})
     # The check is what catches it: without it the NaN comes back.

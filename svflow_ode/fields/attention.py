@@ -54,6 +54,12 @@ def attention_bias(
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def _check_mask(attention_mask: torch.Tensor | None, B: int, T: int) -> None:
+    # Broadcasting would accept some wrong shapes silently and fail on others deep inside SDPA.
+    if attention_mask is not None and tuple(attention_mask.shape) not in ((B, T), (1, T)):
+        raise ValueError(f"attention_mask must be (batch, sequence) = ({B}, {T}), got {tuple(attention_mask.shape)}")
+
+
 class AttentionField(nn.Module):
     """Multi-head (optionally grouped-query) self-attention as a vector field ``f(t, x)``.
 
@@ -118,6 +124,7 @@ class AttentionField(nn.Module):
 
     def forward(self, t, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
+        _check_mask(attention_mask, B, T)
         q, k, v = self._qkv(x)
         if attention_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
@@ -136,6 +143,7 @@ class AttentionField(nn.Module):
             ``field``: ``sum_h sum_j q scores + output bias``, equal to ``forward``.
         """
         B, T, d = x.shape
+        _check_mask(attention_mask, B, T)
         q, k, v = self._qkv(x)
         logits = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, nh, T, T)
         bias = attention_bias(attention_mask, T, self.causal, q.dtype, q.device)

@@ -1,12 +1,14 @@
 """Training SVFlow language models with Lightning: the module, data, callbacks and the CLI."""
 
-from .callbacks import LinearInit, TokenThroughput
+from .callbacks import TokenThroughput
+from .checkpoints import AtomicCheckpointIO
 from .data import IGNORE, CharDataModule, LMDataModule
+from .guard import FiniteGuard, NonFiniteTrainingError
 from .module import LitSVFlow
 from .tasks import AssociativeRecallDataModule, DyckDataModule
 from .toy import GaussianMixtureDataModule
 
 __all__ = [
-    "IGNORE", "AssociativeRecallDataModule", "CharDataModule", "DyckDataModule", "GaussianMixtureDataModule",
-    "LMDataModule", "LinearInit", "LitSVFlow", "TokenThroughput",
+    "IGNORE", "AssociativeRecallDataModule", "AtomicCheckpointIO", "CharDataModule", "DyckDataModule", "FiniteGuard",
+    "GaussianMixtureDataModule", "LMDataModule", "LitSVFlow", "NonFiniteTrainingError", "TokenThroughput",
 ]

@@ -10,6 +10,7 @@ batches the uninterrupted run would have seen, and every DDP rank sees different
 
 from __future__ import annotations
 
+import io
 import itertools
 from pathlib import Path
 from typing import Callable
@@ -119,9 +120,7 @@ class CharDataModule(LMDataModule):
         train_fraction: float = 0.9,
     ):
         super().__init__(batch_size, seed, val_size, test_size=1)
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"data file not found: {path}")
-        text = Path(path).read_text(encoding="utf-8")
+        text = _read_text(path)
         self.vocab = "".join(sorted(set(text)))
         index = {c: i for i, c in enumerate(self.vocab)}
         self.data = torch.tensor([index[c] for c in text], dtype=torch.long)
@@ -129,7 +128,10 @@ class CharDataModule(LMDataModule):
         self.vocab_size, self.block_size = len(self.vocab), block_size
         for split, n in [("training", self.n_train), ("validation", len(text) - self.n_train)]:
             if n <= block_size:
-                raise ValueError(f"{path}: the {split} split has {n} characters, fewer than block_size + 1")
+                raise ValueError(
+                    f"{path}: the {split} split has {n} characters, fewer than block_size + 1 = {block_size + 1}: "
+                    f"use a longer file or a shorter block_size"
+                )
 
     def _split(self, split: str) -> torch.Tensor:
         return self.data[: self.n_train] if split == "train" else self.data[self.n_train :]
@@ -156,3 +158,23 @@ class CharDataModule(LMDataModule):
                 f"the checkpoint's vocabulary ({len(state_dict['vocab'])} characters) differs from the one "
                 f"of the data file ({len(self.vocab)}): the file changed since the checkpoint was written"
             )
+
+
+def _read_text(path: str) -> str:
+    """The file's text (UTF-8, newlines as ``\\n``), or an error saying why it is no text to train on."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    raw = Path(path).read_bytes()
+    if not raw:
+        raise ValueError(f"{path} is empty")
+    nul = raw.find(b"\0")
+    if nul >= 0:  # valid UTF-8, but no text file holds NUL bytes
+        raise ValueError(f"{path} looks binary (a NUL byte at offset {nul}): CharDataModule reads text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text: byte 0x{raw[err.start]:02x} at offset {err.start} ({err.reason}); "
+            f"convert it first, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+    return io.StringIO(text, newline=None).read()  # universal newlines, as reading in text mode

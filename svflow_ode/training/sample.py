@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from jsonargparse import CLI
 
+from .checkpoints import load_checkpoint
 from .data import CharDataModule
 from .module import LitSVFlow
 
@@ -58,7 +59,7 @@ def sample(
     Returns:
         The prompt followed by the generated characters.
     """
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = load_checkpoint(checkpoint)
     if CharDataModule.__qualname__ not in state:
         raise ValueError(f"{checkpoint} holds no character vocabulary: it was not trained on CharDataModule data")
     vocab = state[CharDataModule.__qualname__]["vocab"]
