@@ -30,6 +30,9 @@ from svflow_ode.diagnostics import METRICS, Options, layer_metrics, prefix_shuff
 from svflow_ode.lm import SVFlowLM  # noqa: E402
 
 LABELS = {"kl_qp": "KL(q||p)", "kl_qu": "KL(q||U)", "kl_pu": "KL(p||U)", "kappa": "κ"}
+# Across models the claim is tested by experiments.metric_correlation, on the solver sweep's models.
+CORRELATION = ("- **Metrics track task performance (across models)** — not testable on two unrelated models; "
+               "tested across the solver sweep's trained models in [metric_correlation.md](metric_correlation.md).")
 VARIANTS = {"query_key κ": Options(kappa="query_key"), "p without C_d": Options(normaliser=False)}
 
 
@@ -215,7 +218,7 @@ def write_md(rows, extra, models, options, info, path: Path, smoke: bool) -> Non
     title = "# SVFlow analyses: prefix shuffling on MiniLM and a character LM"
     lines = [title + (" — SMOKE RUN, not a result" if smoke else ""), ""]
     lines += [f"Definitions: {options.describe()}. " + info, ""]
-    lines += ["## Verdicts (rules and numbers)", ""] + [f"- {v}" for v in verdicts(rows, models)] + [""]
+    lines += ["## Verdicts (rules and numbers)", ""] + [f"- {v}" for v in verdicts(rows, models)] + [CORRELATION, ""]
     for name in models:
         mine = sorted((r for r in rows if r["model"] == name and r["rate"] == top and r["readout"] in ("lens", "")),
                       key=lambda r: r["layer"])

@@ -20,7 +20,9 @@ from svflow_ode.diagnostics import (
     log_vmf_normaliser,
     logit_lens_nll,
     metric_loss_correlation,
+    permutation_p,
     moe_consistency,
+    pearson,
     prefix_shuffle_study,
     shuffle_prefix,
     visible_keys,
@@ -354,3 +356,18 @@ def test_correlation_across_models_ranks_sharper_attention():
     assert first["values"][0] == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="at least 3 models"):
         metric_loss_correlation(models[:2], [0.0, 1.0], torch.randint(0, 50, (4, 8)))
+
+
+def test_permutation_p_of_a_perfect_ranking_is_the_exact_minimum():
+    # n = 5: only 2 of the 120 pairings reach |rho| = 1, so p -> 2/120 with many permutations.
+    a, b = torch.arange(5.0), torch.tensor([0.1, 0.4, 0.5, 2.0, 9.0])
+    assert permutation_p(a, b, n_permutations=20000) == pytest.approx(2 / 120, abs=0.004)
+    assert permutation_p(a, torch.tensor([0.5, 0.1, 9.0, 2.0, 0.4])) > 0.5  # rho = 0.1
+
+
+def test_permutation_p_within_groups_keeps_the_between_group_pairing():
+    # Within each group b is constant: no within-group permutation changes Pearson's r, so p = 1
+    # however strong the correlation that the group means carry.
+    a, b, groups = torch.arange(6.0), torch.tensor([0.0, 0.0, 0.0, 5.0, 5.0, 5.0]), [0, 0, 0, 1, 1, 1]
+    assert abs(pearson(a, b)) > 0.8
+    assert permutation_p(a, b, statistic=pearson, n_permutations=99, groups=groups) == 1.0

@@ -6,7 +6,7 @@
 - ``prefix_shuffle_study``: the same metrics and ``Δ(-log p_t)`` under prefix shuffling;
 - ``consistency_loss`` / ``consistency_recorder``: the variational-consistency regulariser for
   training (attention and MoE);
-- ``metric_loss_correlation``: metrics vs validation loss across models;
+- ``metric_loss_correlation``, ``permutation_p``: metrics vs validation loss across models;
 - ``log_bessel_iv`` / ``log_vmf_normaliser``: the high-order log-Bessel function behind ``C_d``.
 
 The open definitions (PAPER.md section 6) are the fields of ``Options``.
@@ -21,7 +21,7 @@ from .consistency import (
     expert_log_posterior,
     moe_consistency,
 )
-from .correlation import metric_loss_correlation, pearson, spearman
+from .correlation import metric_loss_correlation, pearson, permutation_p, spearman
 from .layerwise import METRICS, attention_metrics, layer_metrics
 from .options import Options
 from .posteriors import kl_divergence, kl_to_uniform, likelihood_log_posterior, visible_keys
@@ -32,6 +32,6 @@ __all__ = [
     "attention_consistency", "attention_metrics", "consistency_loss", "consistency_recorder",
     "expert_log_posterior", "kl_divergence", "kl_to_uniform", "layer_metrics",
     "likelihood_log_posterior", "log_bessel_iv", "log_vmf_normaliser", "logit_lens_nll",
-    "metric_loss_correlation", "moe_consistency", "pearson", "prefix_shuffle_study", "shuffle_prefix",
-    "spearman", "visible_keys",
+    "metric_loss_correlation", "moe_consistency", "pearson", "permutation_p", "prefix_shuffle_study",
+    "shuffle_prefix", "spearman", "visible_keys",
 ]

@@ -7,7 +7,7 @@ import torch
 from .layerwise import METRICS, layer_metrics
 from .options import Options
 
-__all__ = ["pearson", "spearman", "metric_loss_correlation"]
+__all__ = ["pearson", "spearman", "permutation_p", "metric_loss_correlation"]
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -19,6 +19,27 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman rank correlation (ranks by sorting; ties get distinct consecutive ranks)."""
     return pearson(a.argsort().argsort(), b.argsort().argsort())
+
+
+def permutation_p(a: torch.Tensor, b: torch.Tensor, statistic=spearman, n_permutations: int = 4999,
+                  groups=None, seed: int = 0) -> float:
+    """Two-sided permutation p-value of a correlation ``statistic(a, b)``.
+
+    The share of pairings, the observed one and ``n_permutations`` random ones (``b`` shuffled,
+    within each group if ``groups`` labels the samples), whose ``|statistic|`` is at least the
+    observed one: exact in level for any number of samples, with no normality assumed.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    groups = torch.zeros(len(b), dtype=torch.long) if groups is None else torch.as_tensor(groups)
+    members = [torch.nonzero(groups == g).flatten() for g in groups.unique()]
+    observed = abs(statistic(a, b))
+    hits = 0
+    for _ in range(n_permutations):
+        order = torch.arange(len(b))
+        for idx in members:
+            order[idx] = idx[torch.randperm(len(idx), generator=generator)]
+        hits += abs(statistic(a, b[order])) >= observed * (1 - 1e-12)  # ties with the observed count
+    return (hits + 1) / (n_permutations + 1)
 
 
 def metric_loss_correlation(

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 
+from svflow_ode.diagnostics.consistency import PARTS, consistency_recorder
 from svflow_ode.lm import SVFlowLM
 
+from .checkpoints import check_compatible
 from .data import IGNORE
 
 __all__ = ["LitSVFlow"]
@@ -21,7 +24,11 @@ class LitSVFlow(L.LightningModule):
 
     Logs per stage (``train``, ``val``, ``test``): ``loss`` (nats per scored token), ``bpc``
     (bits per token: ``loss / ln 2``), ``acc`` (argmax accuracy on the scored tokens) and
-    ``nfe`` (field evaluations per forward pass); and ``lr`` while training.
+    ``nfe`` (field evaluations per forward pass); and ``lr`` while training. With the
+    variational-consistency regulariser on (``consistency_beta > 0``) also ``consistency``: the
+    mean ``KL(q || p)`` over the forward pass's attention/MoE field evaluations
+    (``svflow_ode.diagnostics.consistency_recorder``); the optimised loss is then the
+    cross-entropy plus ``consistency_beta`` times it, while ``loss`` stays the cross-entropy.
 
     Args:
         model: the network; its solver, step count and norm placement are its own arguments.
@@ -32,6 +39,11 @@ class LitSVFlow(L.LightningModule):
         warmup_steps: steps of linear warm-up from ``lr / (warmup_steps + 1)`` to ``lr``.
         max_steps: length of the schedule (default: the trainer's ``max_steps``); the learning
             rate stays at ``min_lr`` after it.
+        consistency_beta: weight of the consistency regulariser (0: off, the plain cross-entropy).
+        consistency_parts: the fields it reads: "attention", "moe" or both (fields the model
+            lacks are skipped).
+        consistency_detach_p: stop gradients through the likelihood posterior p, so that only the
+            posteriors q (attention queries/keys, routers) are pulled towards it.
     """
 
     def __init__(
@@ -43,23 +55,38 @@ class LitSVFlow(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 0,
         max_steps: int | None = None,
+        consistency_beta: float = 0.0,
+        consistency_parts: tuple[str, ...] = PARTS,
+        consistency_detach_p: bool = False,
     ):
         super().__init__()
         if not 0 <= min_lr <= lr:
             raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={min_lr}, lr={lr}")
         if warmup_steps < 0 or (max_steps is not None and max_steps < 1):
             raise ValueError(f"need warmup_steps >= 0 and max_steps >= 1, got {warmup_steps}, {max_steps}")
+        if consistency_beta < 0:
+            raise ValueError(f"need consistency_beta >= 0, got {consistency_beta}")
+        # The regulariser is read by hooks during the forward pass: a checkpointed step recomputes
+        # without them, and the adjoint's forward pass keeps no graph.
+        if consistency_beta and model.gradient != "backprop":
+            raise ValueError(f"the consistency regulariser needs gradient='backprop', got {model.gradient!r}")
         # Under LightningCLI the hyperparameters are the configuration, with the model's class path
         # and arguments: load_from_checkpoint rebuilds the model. A model object is no hyperparameter.
         self.save_hyperparameters(ignore=None if _given_hyperparameters.get() else ["model"])
         self.model = model
         self.lr, self.min_lr, self.weight_decay, self.betas = lr, min_lr, weight_decay, tuple(betas)
         self.warmup_steps, self.max_steps = warmup_steps, max_steps
+        self.consistency_beta, self.consistency_parts = consistency_beta, tuple(consistency_parts)
+        self.consistency_detach_p = consistency_detach_p
 
     def model_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         """Loss of one batch ``(input_ids, labels)``, both ``(B, T)``; logs the stage's metrics."""
         input_ids, labels = batch
-        out = self.model(input_ids)
+        # The regulariser reads the fields during the one forward pass; off, nothing is recorded.
+        recording = (consistency_recorder(self.model, self.consistency_parts, detach_p=self.consistency_detach_p)
+                     if self.consistency_beta else nullcontext())
+        with recording as kls:
+            out = self.model(input_ids)
         logits = out.logits  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
         scored = labels != IGNORE
@@ -69,7 +96,11 @@ class LitSVFlow(L.LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=True, **options)
         extras = {"bpc": loss / math.log(2), "acc": acc, "nfe": float(out.stats.nfe)}
         self.log_dict({f"{stage}/{name}": value for name, value in extras.items()}, **options)
-        return loss
+        if kls is None:
+            return loss
+        consistency = torch.stack(kls).mean()
+        self.log(f"{stage}/consistency", consistency, **options)
+        return loss + self.consistency_beta * consistency
 
     def training_step(self, batch, batch_idx):
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True)
@@ -100,3 +131,6 @@ class LitSVFlow(L.LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_compatible(checkpoint, self)  # a checkpoint of another shape: say which settings differ
