@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 __all__ = ["checkpointed_steps"]
 
 
-def checkpointed_steps(step: Callable[[int, torch.Tensor], torch.Tensor], x: torch.Tensor, n: int):
+def checkpointed_steps(step: Callable[[int, torch.Tensor], torch.Tensor], x: torch.Tensor, n: int) -> torch.Tensor:
     """``x`` after ``x = step(i, x)`` for ``i = 0..n-1``, keeping ~``2 sqrt(n)`` states for backward.
 
     Two-level checkpointing: the steps run in segments of ``ceil(sqrt(n))`` and the forward pass
@@ -28,6 +28,10 @@ def checkpointed_steps(step: Callable[[int, torch.Tensor], torch.Tensor], x: tor
         x: the initial state.
         n: the number of steps.
     """
+    if n < 0:
+        raise ValueError(f"the number of steps must be >= 0, got {n}")
+    if n == 0:
+        return x
     size = math.isqrt(n - 1) + 1  # ceil(sqrt(n))
     starts = range(0, n, size)
 

@@ -141,6 +141,8 @@ def integrate(
     field_ = _CountedField(f, stats)
     ys = [y0]
     x = y0
+    # Without gradients there is nothing to recompute: checkpointing would only cost.
+    gradient = gradient if torch.is_grad_enabled() else "backprop"
     if isinstance(controller, PIController):
         # The number of steps is not known ahead: checkpoint each one.
         checkpointed = partial(checkpoint, solver.step, use_reentrant=False)
@@ -165,6 +167,8 @@ def integrate(
                     x = step(i, x)
             stats.steps += n
             ys.append(x)
+    # The backward pass reruns checkpointed steps through field_: they must not count as the solve's.
+    field_.stats = SolveStats()
     return Solution(torch.tensor(ts, dtype=y0.dtype), torch.stack(ys), stats)
 
 

@@ -56,7 +56,7 @@ class SVFlowOutput:
     """
 
     last_hidden_state: torch.Tensor  # (B, T, d)
-    hidden_states: tuple  # steps + 1 tensors (B, T, d)
+    hidden_states: tuple  # tensors (B, T, d): steps + 1 of them for plain fixed-step solves
     logits: torch.Tensor | None  # (B, T, vocab) when the model has a head
     stats: SolveStats
 

@@ -74,6 +74,21 @@ def test_checkpoint_gives_the_same_gradient_as_backprop():
     torch.testing.assert_close(grads["checkpoint"], grads["backprop"], rtol=1e-12, atol=1e-12)
 
 
+def test_checkpointed_solve_counts_only_its_own_evaluations():
+    field = TanhField()
+    z = torch.randn(3, dtype=F64, requires_grad=True)
+    solution = solvers.integrate(field, SPHERE.projx(z), T, solver=solvers.make_solver("rk4"), manifold=SPHERE,
+                                 controller=solvers.ConstantStepSize(steps=8), gradient="checkpoint")
+    assert solution.stats.nfe == 2 * 8 * 4
+    solution.ys.pow(2).sum().backward()  # reruns the steps through the same field
+    assert solution.stats.nfe == 2 * 8 * 4 and z.grad is not None
+
+
+def test_two_level_checkpointing_of_no_steps_is_the_identity():
+    x = torch.randn(3)
+    assert solvers.checkpointed_steps(lambda i, x: x + 1, x, 0) is x
+
+
 @pytest.mark.parametrize("n", [7, 10, 64])
 def test_two_level_checkpointing_keeps_one_state_per_segment(n):
     torch.manual_seed(0)
