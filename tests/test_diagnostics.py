@@ -365,6 +365,11 @@ def test_permutation_p_of_a_perfect_ranking_is_the_exact_minimum():
     assert permutation_p(a, torch.tensor([0.5, 0.1, 9.0, 2.0, 0.4])) > 0.5  # rho = 0.1
 
 
+def test_permutation_p_of_an_undefined_correlation_is_nan():
+    # Pearson's r of a constant is undefined: that is no evidence, not the smallest p-value.
+    assert math.isnan(permutation_p(torch.arange(5.0), torch.zeros(5), statistic=pearson, n_permutations=99))
+
+
 def test_permutation_p_within_groups_keeps_the_between_group_pairing():
     # Within each group b is constant: no within-group permutation changes Pearson's r, so p = 1
     # however strong the correlation that the group means carry.

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -190,6 +191,43 @@ def test_a_failed_checkpoint_write_leaves_the_previous_file_and_no_debris(tmp_pa
     with pytest.raises(OSError, match="No space left"):
         AtomicCheckpointIO().save_checkpoint({"step": 2}, last)
     assert load_checkpoint(last) == {"step": 1} and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_under_a_grad_scaler_the_guard_leaves_overflowing_gradients_to_it():
+    # fp16 mixed precision: GradScaler skips an overflowing step and lowers its scale by design.
+    module = torch.nn.Linear(2, 2)
+    module.weight.grad = torch.full((2, 2), float("inf"))
+    guard = FiniteGuard()
+    guard._report = lambda trainer, pl_module, loss: "non-finite"  # the report itself is tested above
+    guard.on_before_backward(None, module, torch.tensor(1.0))
+    strategy = SimpleNamespace(reduce_boolean_decision=lambda bad, all: bad)
+    scaled = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()), strategy=strategy)
+    guard.on_before_optimizer_step(scaled, module, None)  # no error
+    guard.on_before_backward(None, module, torch.tensor(float("nan")))
+    with pytest.raises(NonFiniteTrainingError, match="non-finite"):  # the loss is still checked
+        guard.on_before_optimizer_step(scaled, module, None)
+    unscaled = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None), strategy=strategy)
+    guard.on_before_backward(None, module, torch.tensor(1.0))
+    with pytest.raises(NonFiniteTrainingError):  # without a scaler the gradients are checked
+        guard.on_before_optimizer_step(unscaled, module, None)
+
+
+def test_checkpoints_are_written_with_the_umasks_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "last.ckpt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+
+
+def test_a_strategy_object_keeps_its_own_checkpoint_io(tmp_path):
+    strategy = {"class_path": "lightning.pytorch.strategies.SingleDeviceStrategy",
+                "init_args": {"device": "cpu", "checkpoint_io": {
+                    "class_path": "lightning.pytorch.plugins.io.TorchCheckpointIO"}}}
+    cli = run(["fit", *TINY, "--trainer.callbacks=[]", "--trainer.fast_dev_run=true",
+               f"--trainer.strategy={json.dumps(strategy)}"])
+    assert type(cli.trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO"
 
 
 class Payload:

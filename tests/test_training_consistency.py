@@ -148,6 +148,8 @@ def test_negative_beta_and_recomputed_gradients_are_refused():
         LitSVFlow(attention_lm(), consistency_beta=-1.0)
     with pytest.raises(ValueError, match="backprop"):
         LitSVFlow(attention_lm(gradient="checkpoint"), consistency_beta=0.1)
+    with pytest.raises(ValueError, match=r"unknown consistency_parts \['atention'\]"):
+        LitSVFlow(attention_lm(), consistency_beta=0.1, consistency_parts=("atention",))
 
 
 def test_consistency_config_trains_through_the_command_line(monkeypatch, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .layerwise import METRICS, layer_metrics
@@ -33,6 +35,8 @@ def permutation_p(a: torch.Tensor, b: torch.Tensor, statistic=spearman, n_permut
     groups = torch.zeros(len(b), dtype=torch.long) if groups is None else torch.as_tensor(groups)
     members = [torch.nonzero(groups == g).flatten() for g in groups.unique()]
     observed = abs(statistic(a, b))
+    if math.isnan(observed):  # e.g. a constant input: no evidence of anything
+        return math.nan
     hits = 0
     for _ in range(n_permutations):
         order = torch.arange(len(b))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import tempfile
@@ -58,13 +59,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide checkpoints from the group
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
-            os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             raise
         # The rename itself lives in the directory: flush it too, or a power cut can undo it.
         directory = os.open(path.parent, os.O_RDONLY)
@@ -81,17 +84,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, map_location, weights_only)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def check_compatible(checkpoint: dict, module: torch.nn.Module) -> None:
     """Raise ``ValueError`` if ``checkpoint``'s weights cannot fill ``module``, naming why.
 
     The message lists the configuration entries that differ between the checkpoint's
     hyperparameters and the module's (when both have them), then the tensors that are missing,
     unexpected or of another shape: one readable line instead of PyTorch's size-mismatch wall.
+    Only tensors of another shape raise here (no loading mode accepts them); missing and unexpected
+    ones are left to ``load_state_dict``, which knows whether loading is strict.
     """
     saved, own = checkpoint["state_dict"], module.state_dict()
     missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
-    reshaped = [k for k in sorted(own.keys() & saved.keys()) if saved[k].shape != own[k].shape]
-    if not (missing or unexpected or reshaped):
+    reshaped = [k for k in sorted(own.keys() & saved.keys())
+                if torch.is_tensor(saved[k]) and torch.is_tensor(own[k]) and saved[k].shape != own[k].shape]
+    if not reshaped:
         return
     problems = [f"{k}: {tuple(saved[k].shape)} in the checkpoint, {tuple(own[k].shape)} here" for k in reshaped[:3]]
     problems += [f"{len(missing)} tensors missing (e.g. {missing[0]})"] if missing else []

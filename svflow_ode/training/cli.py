@@ -15,6 +15,7 @@ import pickle
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import Strategy
 
 from .checkpoints import AtomicCheckpointIO, untrusted
 from .data import LMDataModule
@@ -38,7 +39,7 @@ class SVFlowCLI(LightningCLI):
 
     Whatever callbacks and plugins the configuration lists, the trainer gets a ``FiniteGuard``
     (``--finite_guard=false`` leaves it out) and writes checkpoints with ``AtomicCheckpointIO``
-    (unless a plugin brings its own checkpoint I/O).
+    (unless a plugin, or a strategy given as an object, brings its own checkpoint I/O).
     """
 
     @staticmethod
@@ -67,7 +68,8 @@ class SVFlowCLI(LightningCLI):
         callbacks, plugins = _listed(trainer.get("callbacks")), _listed(trainer.get("plugins"))
         if self._get(self.config, "finite_guard") and not any(isinstance(c, FiniteGuard) for c in callbacks):
             callbacks.append(FiniteGuard())
-        if not any(isinstance(p, CheckpointIO) for p in plugins):
+        # A strategy object decides its own checkpoint I/O: Lightning refuses a second one.
+        if not any(isinstance(p, CheckpointIO) for p in plugins) and not isinstance(trainer.get("strategy"), Strategy):
             plugins.append(AtomicCheckpointIO())
         return super().instantiate_trainer(**{"callbacks": callbacks, "plugins": plugins, **kwargs})
 

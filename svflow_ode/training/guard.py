@@ -21,19 +21,24 @@ class FiniteGuard(L.Callback):
     """Stops training at the first non-finite loss or gradient, before the optimizer applies it.
 
     The check runs after the backward pass and before gradient clipping and the optimizer step:
-    one reduction over the gradients and one host sync per step (in DDP the ranks agree on the
-    verdict). When it fails nothing of the step has been applied, so the weights and optimizer
-    state, those after the last good step, are saved to ``<dirpath>/nonfinite-step<N>.ckpt``: resume
-    from it with ``--ckpt_path``, e.g. clipping the gradients (``--trainer.gradient_clip_val``). If the
-    weights are already non-finite (set from outside, or an update that overflowed) no checkpoint is
-    written and the last periodic one is the place to restart.
+    one reduction over the gradients and one host sync per step (in DDP, plus one all-reduce so
+    the ranks agree on the verdict). Under fp16 mixed precision only the loss is checked: there
+    GradScaler itself skips steps whose gradients overflow. When the check fails nothing of the
+    step has been applied, so the weights and optimizer state, those after the last good step, are
+    saved to ``<dirpath>/nonfinite-step<N>.ckpt``: resume from it with ``--ckpt_path``, e.g.
+    clipping the gradients (``--trainer.gradient_clip_val``). Finite is not the same as healthy:
+    weights that are finite but already huge are saved too, and resuming from them fails again;
+    restart then from an earlier periodic checkpoint. If the weights are already non-finite (set
+    from outside, or an update that overflowed) no checkpoint is written and the last periodic one
+    is the place to restart.
 
     Then the guard runs the step's inputs through ``pl_module.model`` again with a hook on every
     module and raises ``NonFiniteTrainingError`` naming: the loss; the parameters whose gradients
     are non-finite; the first module to turn finite inputs into a non-finite output (its place in
     the flow, e.g. ``model.blocks.1.terms.0.field``, the attention of block 1) and the time ``t``
     of that field evaluation; the first solver step after which the SVFlow state was non-finite;
-    each tensor's shape, NaN and inf counts and the range of its finite entries.
+    each tensor's shape, NaN and inf counts and the range of its finite entries. With gradient
+    accumulation the loss is the micro-batches' sum and the re-run uses the last micro-batch.
 
     Args:
         dirpath: where to save (default: the ModelCheckpoint's directory, else the log directory).
@@ -41,22 +46,32 @@ class FiniteGuard(L.Callback):
 
     def __init__(self, dirpath: str | None = None):
         self.dirpath = dirpath
+        self._loss = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._batch = batch
 
     def on_before_backward(self, trainer, pl_module, loss):
-        self._loss = loss.detach()
+        # Summed over the micro-batches of an accumulated step: non-finite if any one of them is.
+        loss = loss.detach().float()
+        self._loss = loss if self._loss is None else self._loss + loss
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        total = self._loss.float() + (torch.nn.utils.get_total_norm(grads) if grads else 0.0)
+        # No backward ran (training_step returned None): no loss to check, only the gradients.
+        loss, self._loss = (torch.zeros(()) if self._loss is None else self._loss), None
+        # Under fp16 mixed precision GradScaler skips steps with overflowing gradients and lowers
+        # its scale: that is its normal working, so only the loss is checked then.
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        grads = [] if scaled else [p.grad for p in pl_module.parameters() if p.grad is not None]
+        # One norm of the per-tensor norms (torch.nn.utils.get_total_norm needs torch >= 2.6).
+        norms = [torch.linalg.vector_norm(g.float()) for g in grads]
+        total = loss + (torch.linalg.vector_norm(torch.stack(norms)).to(loss) if norms else 0.0)
         # A sum of finite but huge terms can overflow: only then is the exact check needed.
-        bad = not math.isfinite(total.item()) and not all(torch.isfinite(x).all() for x in [self._loss, *grads])
+        bad = not math.isfinite(total.item()) and not all(torch.isfinite(x).all() for x in [loss, *grads])
         if trainer.strategy.reduce_boolean_decision(bad, all=False):
-            raise NonFiniteTrainingError(self._report(trainer, pl_module))
+            raise NonFiniteTrainingError(self._report(trainer, pl_module, loss))
 
-    def _report(self, trainer, pl_module) -> str:
+    def _report(self, trainer, pl_module, loss: torch.Tensor) -> str:
         step = trainer.global_step
         named = list(pl_module.named_parameters())
         bad_weights = [n for n, p in named if not torch.isfinite(p).all()]
@@ -69,7 +84,7 @@ class FiniteGuard(L.Callback):
             trainer.save_checkpoint(path)
             saved = (f"weights and optimizer state before step {step} saved to {path}; resume from it "
                      f"with --ckpt_path, e.g. clipping gradients (--trainer.gradient_clip_val)")
-        lines = [f"training step {step} turned non-finite (loss {self._loss.item():.4g})"]
+        lines = [f"training step {step} turned non-finite (loss {loss.item():.4g})"]
         bad_grads = [(n, p.grad) for n, p in named if p.grad is not None and not torch.isfinite(p.grad).all()]
         if bad_grads:
             name, grad = bad_grads[0]
@@ -106,9 +121,11 @@ class FiniteGuard(L.Callback):
                 h.remove()
         states = getattr(out, "hidden_states", ())
         n = len(states) - 1
+        # Adaptive and adjoint solves keep only the pieces' ends (evenly spaced), not every step.
+        kept = "solver step" if n == getattr(getattr(out, "stats", None), "steps", None) else "kept state"
         for i, state in enumerate(states):
             if not torch.isfinite(state).all():
-                where = f"after solver step {i} of {n} (t={i * model.horizon / n:.4g})" if i else "initial (t=0)"
+                where = f"after {kept} {i} of {n} (t={i * model.horizon / n:.4g})" if i else "initial (t=0)"
                 return [*first, f"first non-finite state: {where}: {describe(state)}"]
         return first
 
