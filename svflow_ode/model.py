@@ -127,6 +127,8 @@ class SVFlow(nn.Module):
             raise ValueError("an SVFlow needs at least one block")
         if time == "shared" and len(blocks) != 1:
             raise ValueError(f"time='shared' takes exactly one block, got {len(blocks)}")
+        if len({len(block.terms) for block in blocks}) > 1:  # interpolation and NFE pair terms up by position
+            raise ValueError(f"every block needs the same number of terms, got {[len(b.terms) for b in blocks]}")
         if time == "shared" and depth is None:
             raise ValueError("time='shared' needs depth (the horizon T)")
         self.embed = embed

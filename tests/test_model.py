@@ -7,6 +7,7 @@ import torch
 import geoopt
 from solvers import RK4, RungeKutta, split_step
 from svflow_ode.lm import NORMS, SVFlowLM
+from svflow_ode.model import Block, SVFlow
 
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -84,6 +85,9 @@ def test_bad_configuration_and_input_fail_clearly():
     with pytest.raises(ValueError, match="unknown time mode"):
         _lm(time="sometimes")
     model = _lm()
+    uneven = [model.blocks[0], Block(*model.blocks[1].terms[:1])]
+    with pytest.raises(ValueError, match=r"same number of terms, got \[2, 1\]"):
+        SVFlow(model.embed, uneven)
     with pytest.raises(ValueError, match="token ids must lie in"):
         model(torch.full((1, 4), 20))
     with pytest.raises(ValueError, match="attention_mask shape"):
