@@ -66,11 +66,11 @@ class LitSVFlow(L.LightningModule):
             raise ValueError(f"need warmup_steps >= 0 and max_steps >= 1, got {warmup_steps}, {max_steps}")
         if consistency_beta < 0:
             raise ValueError(f"need consistency_beta >= 0, got {consistency_beta}")
-        # The regulariser is read by hooks during the forward pass: a checkpointed step recomputes
-        # without them, and the adjoint's forward pass keeps no graph.
         unknown = set(consistency_parts) - set(PARTS)
         if unknown:  # here, not at the first forward pass: before anything is trained
             raise ValueError(f"unknown consistency_parts {sorted(unknown)}; expected some of {PARTS}")
+        # The regulariser is read by hooks during the forward pass: a checkpointed step recomputes
+        # without them, and the adjoint's forward pass keeps no graph.
         if consistency_beta and model.gradient != "backprop":
             raise ValueError(f"the consistency regulariser needs gradient='backprop', got {model.gradient!r}")
         # Under LightningCLI the hyperparameters are the configuration, with the model's class path
