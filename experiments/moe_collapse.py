@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
@@ -40,7 +41,8 @@ KINDS = ("none", "switch", "consistency", "consistency_detached")
 
 def moe_lm(vocab_size: int, d_model: int, n_layers: int, n_experts: int, d_ff: int, max_len: int) -> SVFlowLM:
     """A post-LN ``SVFlowLM`` whose FFN field in every block is a top-1 ``MoEField``."""
-    model = SVFlowLM(vocab_size, d_model, n_heads=4, n_layers=n_layers, max_len=max_len, norm="post_ln")
+    model = SVFlowLM(vocab_size, d_model, n_heads=4, n_layers=n_layers, max_len=max_len, norm="post_ln",
+                     init="nanogpt")
     for block in model.blocks:
         moe = MoEField(d_model, d_ff, n_experts, top_k=1, renormalise=False)
         for module in moe.modules():  # the LM's own initialisation (nanoGPT's)
@@ -56,11 +58,29 @@ def moe_fields(model) -> list[MoEField]:
     return [m for m in model.modules() if isinstance(m, MoEField)]
 
 
-def switch_loss(model, alpha: float) -> torch.Tensor:
-    """``alpha * E * sum_e f_e P_e`` averaged over the MoE fields of the last forward pass."""
+@contextmanager
+def recorded_router_probs(model):
+    """Yield a list that collects, per router call inside the block, its posterior ``(..., E)``.
+
+    A forward hook on each ``MoEField``'s ``router`` (whose output is the probabilities), so the
+    fields themselves store nothing.
+    """
+    calls = []
+    handles = [field.router.register_forward_hook(lambda module, args, probs: calls.append(probs))
+               for field in moe_fields(model)]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def switch_loss(router_probs, alpha: float) -> torch.Tensor:
+    """``alpha * E * sum_e f_e P_e`` averaged over the recorded router calls (one per MoE field
+    with Euler: ``recorded_router_probs``)."""
     losses = []
-    for field in moe_fields(model):
-        probs = field.router_probs.flatten(0, -2)  # (N, E)
+    for probs in router_probs:
+        probs = probs.flatten(0, -2)  # (N, E)
         E = probs.shape[-1]
         share = torch.bincount(probs.argmax(-1), minlength=E).to(probs.dtype) / len(probs)  # f_e
         losses.append(E * (share * probs.mean(0)).sum())
@@ -78,8 +98,9 @@ def forward_for(kind: str, weight: float):
         return None
     if kind == "switch":
         def forward(model, ids):
-            out = model(ids)
-            return out, switch_loss(model, weight)
+            with recorded_router_probs(model) as router_probs:
+                out = model(ids)
+            return out, switch_loss(router_probs, weight)
         return forward
 
     def forward(model, ids):
@@ -93,7 +114,7 @@ def forward_for(kind: str, weight: float):
 def load_statistics(model, ids: torch.Tensor) -> dict:
     """Per MoE layer on ``ids``: load entropy (nats), router entropy, consistency gap, max share."""
     def read(field, x, context):
-        probs = field.router(x).softmax(-1).flatten(0, -2)  # (N, E)
+        probs = field.router(x).flatten(0, -2)  # (N, E): the router outputs the posterior
         share = torch.bincount(probs.argmax(-1), minlength=probs.shape[-1]).double() / len(probs)
         return {
             "load_entropy": float(-(share * share.clamp_min(1e-12).log()).sum()) + 0.0,  # no -0.0

@@ -280,7 +280,7 @@ def test_moe_consistency_with_identical_experts_is_kl_to_uniform():
     assert float(moe_consistency(field, x)) == pytest.approx(0.0, abs=1e-12)
     with torch.no_grad():
         field.router.weight.normal_()
-    q = field.router(x).softmax(-1)
+    q = field.router(x)  # the router outputs the posterior q(e|x)
     expected = (q * (3 * q).log()).sum(-1).mean()  # identical experts: p is uniform
     assert float(moe_consistency(field, x)) == pytest.approx(float(expected), rel=1e-12)
 

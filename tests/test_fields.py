@@ -2,6 +2,7 @@
 
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,12 +58,21 @@ def test_attention_logits_are_kappa_times_cosine():
     torch.testing.assert_close(parts["q"], (parts["kappa"] * cos).softmax(-1), rtol=0, atol=1e-12)
 
 
+def router_calls(field):
+    """A list that collects the router posterior of every call (a forward hook), and its handle."""
+    calls = []
+    return calls, field.router.register_forward_hook(lambda module, args, out: calls.append(out))
+
+
 def test_moe_with_all_experts_is_the_dense_posterior_mixture():
     torch.manual_seed(2)
     field = MoEField(8, 16, n_experts=3, top_k=3)
     x = torch.randn(2, 5, 8)
+    calls, handle = router_calls(field)
     out = field(0.0, x)
-    probs = field.router_probs
+    handle.remove()
+    [probs] = calls
+    torch.testing.assert_close(probs, field.router.logits(x).softmax(-1), rtol=0, atol=0)
     dense = sum(probs[..., e, None] * field.experts[e](0.0, x) for e in range(3))
     torch.testing.assert_close(out, dense, rtol=0, atol=1e-12)
 
@@ -71,17 +81,30 @@ def test_moe_top1_uses_only_the_argmax_expert():
     torch.manual_seed(3)
     field = MoEField(8, 16, n_experts=4, top_k=1)
     x = torch.randn(6, 8)
+    calls, handle = router_calls(field)
     out = field(0.0, x)
-    best = field.router_probs.argmax(-1)
+    handle.remove()
+    best = calls[0].argmax(-1)
     expected = torch.stack([field.experts[int(e)](0.0, x[i]) for i, e in enumerate(best)])
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="top_k"):
         MoEField(8, 16, n_experts=2, top_k=3)
 
 
+def test_moe_forward_writes_no_attribute_and_keeps_its_parameter_names():
+    # The posterior comes back through the router's hook, not as state on the module (a side
+    # effect in forward would break torch.compile's graph); checkpoints keep "router.weight".
+    torch.manual_seed(6)
+    field = MoEField(8, 16, n_experts=3, top_k=2)
+    before = {name: dict(vars(m)) for name, m in field.named_modules()}
+    field(0.0, torch.randn(4, 8))
+    assert {name: dict(vars(m)) for name, m in field.named_modules()} == before
+    assert "router.weight" in field.state_dict() and "router.bias" not in field.state_dict()
+
+
 def test_gaussian_field_with_exact_posterior_is_the_score_of_the_evidence():
     # For equal isotropic components, softmax(A x + b) with A = mu / s^2, b = -|mu|^2 / 2s^2 is the
-    # true posterior, so the field must equal grad log p(x) (the identity in PAPER.md section 1).
+    # true posterior, so the field must equal grad log p(x) (docs/maths.md#variational-consistency).
     torch.manual_seed(4)
     means, s = torch.randn(3, 2) * 2, 0.7
     field = GaussianMixtureField(means, sigma=s)
@@ -125,3 +148,28 @@ def test_sum_field_and_ngpt_update():
     step = RungeKutta(EULER, "relaxed").step(ngpt, 0.0, x, 1.0, sphere)[0]
     expected = sphere.projx(x + 0.3 * (sphere.projx(a(0.0, x)) - x))
     torch.testing.assert_close(step, expected, rtol=0, atol=1e-12)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def github_anchor(heading: str) -> str:
+    """The id GitHub gives a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_cited_section_of_the_maths_page_exists():
+    # Docstrings point at docs/maths.md#<anchor>; renaming a heading must not leave them dangling.
+    page = (ROOT / "docs" / "maths.md").read_text(encoding="utf-8")
+    anchors = {github_anchor(m.group(1)) for m in re.finditer(r"^#{1,6}\s+(.+)$", page, flags=re.MULTILINE)}
+    cited = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        if ".git" in path.parts or "site-packages" in path.parts:
+            continue
+        for anchor in re.findall(r"docs/maths\.md#([\w-]+)", path.read_text(encoding="utf-8")):
+            cited.setdefault(anchor, path.relative_to(ROOT).as_posix())
+    for anchor in re.findall(r"\]\(#([\w-]+)\)", page):  # the page's own links
+        cited.setdefault(anchor, "docs/maths.md")
+    assert cited, "no citations of docs/maths.md found"
+    missing = {anchor: where for anchor, where in cited.items() if anchor not in anchors}
+    assert not missing, f"cited sections missing from docs/maths.md: {missing}"

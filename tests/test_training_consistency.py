@@ -85,7 +85,7 @@ def hand_moe_kls(model) -> list[float]:
     """Per MoE evaluation: the mean over tokens of KL(router || experts' likelihood posterior)."""
     kls = []
     for field, x in field_inputs(model, MoEField):
-        q = field.router(x).softmax(-1).detach().numpy().reshape(-1, len(field.experts))  # (N, E)
+        q = field.router(x).detach().numpy().reshape(-1, len(field.experts))  # (N, E)
         outputs = torch.stack([e(0.0, x) for e in field.experts], -2).detach().numpy()  # (B, T, E, d)
         outputs, x = outputs.reshape(len(q), *outputs.shape[-2:]), x.detach().numpy().reshape(len(q), -1)
         kls.append(np.mean([kl_to_likelihood_posterior(q[n], outputs[n], x[n]) for n in range(len(q))]))

@@ -1,15 +1,15 @@
 """SVFlow diagnostics: attention vs likelihood posteriors, prefix shuffling, consistency losses.
 
 - ``layer_metrics``: per layer and head, KL(q||p), KL(q||U), KL(p||U) and kappa, with q the
-  attention posterior and p the likelihood-implied vMF posterior (PAPER.md section 5), for any
-  SVFlow model;
+  attention posterior and p the likelihood-implied vMF posterior, for any SVFlow model (see
+  docs/maths.md#measurements-on-pretrained-models);
 - ``prefix_shuffle_study``: the same metrics and ``Δ(-log p_t)`` under prefix shuffling;
 - ``consistency_loss`` / ``consistency_recorder``: the variational-consistency regulariser for
   training (attention and MoE);
 - ``metric_loss_correlation``, ``permutation_p``: metrics vs validation loss across models;
 - ``log_bessel_iv`` / ``log_vmf_normaliser``: the high-order log-Bessel function behind ``C_d``.
 
-The open definitions (PAPER.md section 6) are the fields of ``Options``.
+The open definitions (docs/maths.md#open-definitions) are the fields of ``Options``.
 """
 
 from .bessel import log_bessel_iv, log_vmf_normaliser

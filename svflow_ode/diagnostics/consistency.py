@@ -1,7 +1,8 @@
 """The variational-consistency regulariser ``beta * KL(q(z|x) || p(z|x))`` for attention and MoE.
 
-PAPER.md section 1: the flow ascends the evidence exactly when the posterior q equals the true
-posterior p(z|x) of the scores' likelihoods. The regulariser penalises the gap, per field read:
+The flow ascends the evidence exactly when the posterior q equals the true posterior p(z|x) of
+the scores' likelihoods (docs/maths.md#variational-consistency). The regulariser penalises the
+gap, per field read:
 
 - attention: q the attention posterior over the visible context, p the likelihood-implied vMF
   posterior of the same head (``posteriors.likelihood_log_posterior``), averaged over heads and
@@ -72,7 +73,9 @@ def attention_consistency(
 
 def moe_consistency(field: MoEField, x: torch.Tensor, normaliser: bool = True, detach_p: bool = False) -> torch.Tensor:
     """Mean ``KL(router || experts' likelihood posterior)`` over the tokens of ``x``: a scalar."""
-    q = field.router(x).softmax(-1)  # (..., E)
+    # The router's own softmax, without calling the module: a forward hook a user put on
+    # field.router (to read the forward pass's posteriors) must not see this second read.
+    q = field.router.logits(x).softmax(-1)  # (..., E)
     outputs = torch.stack([expert(0.0, x) for expert in field.experts], dim=-2)  # (..., E, d)
     log_p = expert_log_posterior(outputs, x, normaliser)
     return kl_divergence(q, log_p.detach() if detach_p else log_p).mean()

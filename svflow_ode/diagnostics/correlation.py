@@ -1,4 +1,7 @@
-"""Across models: how the per-layer SVFlow metrics correlate with validation loss (PAPER.md section 5)."""
+"""Across models: how the per-layer SVFlow metrics correlate with validation loss.
+
+See docs/maths.md#measurements-on-pretrained-models.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Per-layer, per-head SVFlow metrics of attention: KL(q||p), KL(q||U), KL(p||U) and kappa.
 
 q is the attention posterior, p the likelihood-implied vMF posterior of the same head over the
-same visible context (PAPER.md section 5), both read at the state the field actually reads.
+same visible context, both read at the state the field actually reads (see
+docs/maths.md#measurements-on-pretrained-models).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The open definitions of PAPER.md section 6, as one documented set of options."""
+"""The open definitions of docs/maths.md#open-definitions, as one documented set of options."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Likelihood-implied posteriors and the divergences between posteriors (PAPER.md sections 3, 5).
+"""Likelihood-implied posteriors and the divergences between posteriors.
+
+See docs/maths.md#the-likelihood-implied-posterior and
+docs/maths.md#measurements-on-pretrained-models.
 
 An SVFlow field ``sum_z q(z|x) s_z(x)`` pairs a posterior q with scores ``s_z = kappa_z mu_z``, the
 gradients of vMF log-likelihoods ``log p(x|z) = log C_d(kappa_z) + kappa_z mu_z . x``. On the unit

@@ -1,4 +1,4 @@
-"""Prefix shuffling (PAPER.md section 5): disrupt the order of the context, compare per layer.
+"""Prefix shuffling: disrupt the order of the context, compare per layer (docs/maths.md#prefix-shuffling).
 
 For a causal LM the input is ``s_0 .. s_{T-1}`` and the target ``s_T``; a rate ``r`` moves
 ``round(r P)`` of the ``P`` prefix positions ``[start, stop)`` (by default every input but the

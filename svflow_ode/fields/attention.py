@@ -1,9 +1,10 @@
-"""Attention as the spherical SVFlow field with a von Mises-Fisher posterior (PAPER.md section 3).
+"""Attention as the spherical SVFlow field with a von Mises-Fisher posterior.
 
 For token i and context token j, one head contributes ``sum_j q(j|x_i) W_o W_v x_j`` with the
 posterior ``q(j|x_i) = softmax_j((W_q x_i).(W_k x_j) / sqrt(d_k))``: a vMF kernel of concentration
 ``kappa_ij = |W_q x_i| |W_k x_j| / sqrt(d_k)`` on the cosine of query and key. The scores
 ``W_o W_v x_j`` are the conditional log-likelihood scores. Heads form a mixture (their sum).
+See docs/maths.md#the-vmf-posterior.
 
 ``forward`` is the fast path (``scaled_dot_product_attention``); ``posterior`` exposes q, the
 scores and the concentrations for diagnostics.

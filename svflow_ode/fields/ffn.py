@@ -1,4 +1,7 @@
-"""Feed-forward fields: the relaxed (unnormalised) SVFlow sum over hidden units (PAPER.md 3)."""
+"""Feed-forward fields: the relaxed (unnormalised) SVFlow sum over hidden units.
+
+See docs/maths.md#ffn-and-moe-as-relaxed-fields.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Gaussian SVFlow of the paper's 2-D toy (PAPER.md section 2)."""
+"""The Gaussian SVFlow of the paper's 2-D toy (see docs/maths.md#the-gaussian-toy)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """BERT (post-LN): each sublayer is a relaxed Euler step retracted through a LayerNorm chart.
 
 ``x <- LN_1(x + attn(x)); x <- LN_2(x + ffn(x))`` is ``retr(x, h f(x))`` with ``h = 1`` on
-``AffineChart(LayerNormSphere(eps), gamma, beta)`` (PAPER.md section 4).
+``AffineChart(LayerNormSphere(eps), gamma, beta)`` (see docs/maths.md#post-ln-as-an-affine-chart).
 """
 
 from __future__ import annotations

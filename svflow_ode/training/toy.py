@@ -1,4 +1,4 @@
-"""The 2-D Gaussian-mixture data of the paper's toy (PAPER.md section 2)."""
+"""The 2-D Gaussian-mixture data of the paper's toy (see docs/maths.md#the-gaussian-toy)."""
 
 from __future__ import annotations
 
