@@ -22,11 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import geoopt
 import torch
 import torch.nn.functional as F
 
 from .sphere import Sphere
+from .stiefel import Stiefel
 
 __all__ = ["LowRankSkew", "LowRankSphereAction", "SOnAction", "SphereAction", "StiefelAction", "bracket"]
 
@@ -193,17 +193,24 @@ class LowRankSphereAction(SOnAction):
 
 
 class StiefelAction(SOnAction):
-    """SO(n) acting on the Stiefel manifold ``{X in R^{n x p} : X^T X = I}`` by left product."""
+    """SO(n) acting on the Stiefel manifold ``{X in R^{n x p} : X^T X = I}`` by left product.
+
+    Works for ``manifolds.Stiefel`` and ``manifolds.SpecialOrthogonal`` (``p = n``), the default
+    being ``Stiefel()``. The generator does not call the manifold's ``proju``: it moves ``X`` by the
+    orthogonal projection of ``U`` onto the tangent space, which is what ``Stiefel.proju`` returns
+    (geoopt's canonical ``Stiefel.proju`` is not that projection, and would give a wrong ``xi``).
+    """
 
     def __init__(self, manifold=None):
-        self.manifold = geoopt.EuclideanStiefel() if manifold is None else manifold
+        self.manifold = Stiefel() if manifold is None else manifold
 
     def generator(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        # For tangent U (X^T U skew): xi = U X^T - X U^T + X (U^T X) X^T is skew and xi X = U.
-        u = self.manifold.proju(x, u)
+        # xi = U X^T - X U^T - X skew(X^T U) X^T: each term is skew, so xi is for any U; with
+        # X^T X = I, xi X = U - X sym(X^T U), the tangent part of U (U itself when U is tangent).
         xt = x.transpose(-1, -2)
-        ut = u.transpose(-1, -2)
-        return u @ xt - x @ ut + x @ (ut @ x) @ xt
+        a = u @ xt
+        xax = x @ (xt @ u - u.transpose(-1, -2) @ x) @ xt / 2
+        return a - a.transpose(-1, -2) - xax
 
     def act(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return g @ x

@@ -1,11 +1,12 @@
 """Spheres of any radius on geoopt's API, including the two a normalisation layer projects onto.
 
-``Sphere(radius)`` extends ``geoopt.Sphere`` (the unit sphere) to radius ``r`` by scaling; the
-retraction stays ``projx(x + u)`` and ``expmap`` is the exact great-circle map.
+``Sphere(radius)`` extends ``geoopt.Sphere`` to radius ``r`` by scaling; the retraction stays
+``projx(x + u)`` and ``expmap`` is the exact great-circle map. ``Sphere()`` is the unit sphere, as
+``geoopt.Sphere()`` is.
 
-With ``radius=None`` the radius is ``sqrt(d)`` for the last dimension ``d`` of the point: the
-sphere that RMSNorm projects onto. ``LayerNormSphere`` intersects that sphere with the mean-zero
-hyperplane: the set LayerNorm (without its affine part) projects onto.
+``RMSSphere()`` (the same as ``Sphere(radius=None)``) has radius ``sqrt(d)`` for the last dimension
+``d`` of the point: the sphere that RMSNorm projects onto. ``LayerNormSphere`` intersects that
+sphere with the mean-zero hyperplane: the set LayerNorm (without its affine part) projects onto.
 
 ``eps`` reproduces the epsilon of a normalisation layer: ``projx(x) = x / sqrt(|x|^2 / r^2 + eps)``
 (RMSNorm's formula). With ``eps > 0`` the projection lands at radius ``r * sqrt(1 - eps r^2/|x|^2)``,
@@ -20,7 +21,7 @@ import geoopt
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Sphere", "SphereExact", "LayerNormSphere"]
+__all__ = ["LayerNormSphere", "RMSSphere", "Sphere", "SphereExact"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -31,16 +32,17 @@ def _float32(x: torch.Tensor) -> torch.Tensor:
 
 
 class Sphere(geoopt.Sphere):
-    """The sphere ``{x : |x| = r}`` (``r = sqrt(d)`` when ``radius`` is None).
+    """The sphere ``{x : |x| = r}``: the unit sphere by default, ``r = sqrt(d)`` when ``radius`` is None.
 
     Args:
-        radius: the radius, or None for ``sqrt(d)`` (the RMSNorm sphere).
+        radius: the radius (default 1, geoopt's unit sphere), or None for ``sqrt(d)`` (the RMSNorm
+            sphere, also spelt ``RMSSphere()``).
         eps: normalisation-layer epsilon inside ``projx`` (0 gives the exact projection).
     """
 
     name = "Sphere"
 
-    def __init__(self, radius: float | None = None, eps: float = 0.0):
+    def __init__(self, radius: float | None = 1.0, eps: float = 0.0):
         super().__init__()
         if radius is not None and not radius > 0:
             raise ValueError(f"Sphere radius must be positive, got {radius}")
@@ -85,7 +87,12 @@ class Sphere(geoopt.Sphere):
         return super().dist(x / r, y / r, keepdim=keepdim) * r
 
     def _check_point_on_manifold(self, x, *, atol=1e-5, rtol=1e-5):
-        return super()._check_point_on_manifold(x / self.r(x), atol=atol, rtol=rtol)
+        # As geoopt's unit-sphere check on x / r (norms within atol + rtol of 1), saying which r.
+        gap = (x.norm(dim=-1) / self.r(x) - 1).abs().max().item()
+        if not gap <= atol + rtol:
+            radius = f"sqrt(d) = {self.r(x):.6g}" if self.radius is None else f"{self.radius:g}"
+            return False, f"`norm(x) != {radius}`: |norm(x) / r - 1| is up to {gap:.3g} (atol={atol}, rtol={rtol})"
+        return True, None
 
     def random_uniform(self, *size, dtype=None, device=None) -> torch.Tensor:
         x = torch.randn(*size, dtype=dtype, device=device)
@@ -108,6 +115,21 @@ class SphereExact(Sphere):
 
     def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return self.expmap(x, self.proju(x, u))
+
+
+class RMSSphere(Sphere):
+    """The sphere of radius ``sqrt(d)`` that RMSNorm without its gain projects onto.
+
+    ``Sphere(radius=None)`` by its name; ``projx`` is ``F.rms_norm`` itself.
+
+    Args:
+        eps: RMSNorm's epsilon (0 gives the exact projection).
+    """
+
+    name = "RMSSphere"
+
+    def __init__(self, eps: float = 0.0):
+        super().__init__(radius=None, eps=eps)
 
 
 class LayerNormSphere(Sphere):

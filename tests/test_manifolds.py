@@ -1,12 +1,13 @@
 """The manifold contract: every manifold the solvers accept behaves as geoopt's API promises.
 
-One suite runs over our spheres, the LayerNorm sphere, the affine chart, and plain geoopt
-manifolds: ``projx`` lands on the manifold (and is idempotent, except the affine chart, which is
+One suite runs over our spheres, the LayerNorm sphere, the affine chart, our Stiefel manifold and
+SO(n), and plain geoopt manifolds: ``projx`` lands on the manifold (and is idempotent, except the affine chart, which is
 "normalise, then chart" by design), ``proju`` gives tangent vectors and is idempotent, ``retr``
 lands on the manifold and agrees with ``expmap`` to first order. The normalisation spheres'
 ``projx`` are exactly ``F.layer_norm`` and ``F.rms_norm``. The SO(n) actions give skew generators
 of the tangent vectors, orthogonal exponentials, and a ``dexpinv`` whose truncation error has the
-order an RKMK method of that order needs.
+order an RKMK method of that order needs. ``Sphere()`` is geoopt's unit sphere; ``RMSSphere()`` is
+the ``sqrt(d)`` one, and the on-sphere check names the radius it checked.
 """
 
 from dataclasses import dataclass
@@ -45,9 +46,11 @@ def affine_chart(identity: bool = False) -> manifolds.AffineChart:
 
 
 CASES = {
+    "sphere_default": Case(manifolds.Sphere()),
     "sphere1": Case(manifolds.Sphere(1.0)),
     "sphere3": Case(manifolds.Sphere(3.0)),
     "sphere_sqrt_d": Case(manifolds.Sphere(None)),
+    "rms_sphere": Case(manifolds.RMSSphere()),
     "sphere_exact2": Case(manifolds.SphereExact(2.0)),
     "layernorm_sphere": Case(manifolds.LayerNormSphere()),
     # The Transformer's post-LN map: its "retraction" re-applies the chart, so retr(x, 0) != x.
@@ -56,6 +59,8 @@ CASES = {
     "euclidean": Case(geoopt.Euclidean(ndim=1)),
     "poincare_ball": Case(geoopt.PoincareBall(c=1.0), scale=0.2),
     "stiefel": Case(geoopt.EuclideanStiefel(), shape=(4, D, 3)),
+    "our_stiefel": Case(manifolds.Stiefel(), shape=(4, D, 3)),
+    "special_orthogonal": Case(manifolds.SpecialOrthogonal(), shape=(4, 4, 4)),
 }
 IDEMPOTENT = [name for name in CASES if name != "affine_chart"]
 RETRACTIONS = [name for name, case in CASES.items() if case.retraction]
@@ -112,7 +117,7 @@ def test_proju_gives_tangent_vectors_and_is_idempotent(name):
     torch.testing.assert_close(case.manifold.proju(x, u), u, rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("name", ["sphere1", "sphere3", "sphere_sqrt_d", "sphere_exact2", "layernorm_sphere"])
+@pytest.mark.parametrize("name", ["sphere1", "sphere3", "sphere_sqrt_d", "rms_sphere", "sphere_exact2", "layernorm_sphere"])
 def test_proju_removes_the_normal_directions_of_a_sphere(name):
     sphere = CASES[name].manifold
     x = point(CASES[name])
@@ -179,8 +184,25 @@ def test_layer_norm_sphere_projx_is_layer_norm_without_affine(eps):
 @pytest.mark.parametrize("eps", [0.0, 1e-6, 1e-2])
 def test_sqrt_d_sphere_projx_is_rms_norm(eps):
     x = 2.0 * torch.randn(4, D, dtype=F64)
-    got = manifolds.Sphere(None, eps=eps).projx(x)
-    torch.testing.assert_close(got, F.rms_norm(x, (D,), eps=eps), rtol=0, atol=1e-12)
+    for sphere in (manifolds.Sphere(None, eps=eps), manifolds.RMSSphere(eps=eps)):
+        torch.testing.assert_close(sphere.projx(x), F.rms_norm(x, (D,), eps=eps), rtol=0, atol=1e-12)
+
+
+def test_sphere_means_what_geoopt_means_and_rms_sphere_is_the_sqrt_d_one():
+    x = 3.0 * torch.randn(4, D, dtype=F64)
+    assert manifolds.Sphere().radius == 1.0
+    torch.testing.assert_close(manifolds.Sphere().projx(x), geoopt.Sphere().projx(x), rtol=0, atol=1e-15)
+    assert manifolds.RMSSphere().radius is None and isinstance(manifolds.RMSSphere(), manifolds.Sphere)
+    assert repr(manifolds.RMSSphere(eps=1e-5)) == "RMSSphere(radius=sqrt(d), eps=1e-05) manifold"
+
+
+@pytest.mark.parametrize("sphere,radius", [(manifolds.Sphere(), "1"), (manifolds.Sphere(2.5), "2.5"),
+                                           (manifolds.RMSSphere(), "sqrt(d) = 2.44949")], ids=["unit", "2.5", "rms"])
+def test_on_sphere_check_names_the_radius_it_checked(sphere, radius):
+    x = sphere.projx(torch.randn(4, D, dtype=F64))
+    assert sphere.check_point_on_manifold(x)
+    ok, reason = sphere.check_point_on_manifold(1.5 * x, explain=True)
+    assert not ok and reason.startswith(f"`norm(x) != {radius}`: |norm(x) / r - 1| is up to 0.5 ")
 
 
 def test_sphere_refuses_a_bad_radius_or_eps():
@@ -212,6 +234,7 @@ def test_sphere_action_generator_is_a_skew_matrix_moving_x_along_the_tangent(rad
 
 def test_stiefel_action_generator_is_a_skew_matrix_moving_x_along_the_tangent():
     action = manifolds.StiefelAction()
+    assert isinstance(action.manifold, manifolds.Stiefel)  # geoopt's canonical proju would be wrong here
     x = action.manifold.projx(torch.randn(4, D, 3, dtype=F64))
     u = torch.randn(4, D, 3, dtype=F64)
     xi = action.generator(x, u)
@@ -219,10 +242,11 @@ def test_stiefel_action_generator_is_a_skew_matrix_moving_x_along_the_tangent():
     torch.testing.assert_close(xi @ x, action.manifold.proju(x, u), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("action", [manifolds.SphereAction(manifolds.Sphere(2.0)), manifolds.StiefelAction()],
-                         ids=["sphere", "stiefel"])
-def test_group_exponential_is_a_rotation_and_its_action_stays_on_the_manifold(action):
-    shape = (4, D) if isinstance(action, manifolds.SphereAction) else (4, D, 3)
+@pytest.mark.parametrize("action,shape", [(manifolds.SphereAction(manifolds.Sphere(2.0)), (4, D)),
+                                          (manifolds.StiefelAction(), (4, D, 3)),
+                                          (manifolds.StiefelAction(manifolds.SpecialOrthogonal()), (4, D, D))],
+                         ids=["sphere", "stiefel", "special_orthogonal"])
+def test_group_exponential_is_a_rotation_and_its_action_stays_on_the_manifold(action, shape):
     x = action.manifold.projx(torch.randn(shape, dtype=F64))
     g = action.exp(3.0 * action.generator(x, torch.randn(shape, dtype=F64)))
     torch.testing.assert_close(g.transpose(-1, -2) @ g, torch.eye(D, dtype=F64).expand(4, D, D), rtol=0, atol=1e-12)
