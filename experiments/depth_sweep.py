@@ -60,7 +60,7 @@ def build(config: Config, args) -> SVFlowLM:
     # per-step and shared have N units of time (N sets, or one set over [0, N]); continuous has K nodes.
     layers = args.k if config.time == "continuous" else args.n
     return SVFlowLM(args.vocab_size, args.d_model, args.heads, layers, max_len=args.context, norm="sphere",
-                    time=config.time, splitting="none", steps=args.n)
+                    time=config.time, splitting="none", steps=args.n, init="nanogpt")
 
 
 def eval_steps(config: Config, n: int) -> list[int]:

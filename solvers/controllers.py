@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .defaults import ATOL, DT_MIN, MAX_NFE, MAX_STEPS, RTOL
+
 __all__ = ["ConstantStepSize", "PIController"]
 
 
@@ -17,21 +19,30 @@ class ConstantStepSize:
     Between consecutive output times the interval is split into ``ceil(length / step_size)`` equal
     steps, so every output time is a grid point (no interpolation off the manifold).
 
+    Intervals are counted between consecutive output times and the breaks of a ``Piecewise``
+    field, whichever come first.
+
     Args:
         step_size: the largest step to take.
-        steps: the number of steps per output interval (exclusive with ``step_size``).
+        steps: the number of steps per interval (exclusive with ``step_size``).
+        max_steps: a solve whose plan has more steps is refused before any work, with the count.
     """
 
     step_size: float | None = None
     steps: int | None = None
+    max_steps: int = MAX_STEPS
 
     def __post_init__(self):
         if (self.step_size is None) == (self.steps is None):
             raise ValueError("give exactly one of step_size and steps")
-        if self.step_size is not None and not (math.isfinite(self.step_size) and self.step_size > 0):
-            raise ValueError(f"step_size must be a positive finite number, got {self.step_size}")
-        if self.steps is not None and (int(self.steps) != self.steps or self.steps < 1):
-            raise ValueError(f"steps must be a positive integer, got {self.steps}")
+        if self.step_size is not None and not (
+            isinstance(self.step_size, (int, float)) and math.isfinite(self.step_size) and self.step_size > 0
+        ):
+            raise ValueError(f"step_size must be a positive finite number, got {self.step_size!r}")
+        if self.steps is not None and not _positive_int(self.steps):
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if not _positive_int(self.max_steps):
+            raise ValueError(f"max_steps must be a positive integer, got {self.max_steps!r}")
 
     def grid(self, t0: float, t1: float) -> int:
         """Number of steps between ``t0`` and ``t1``."""
@@ -40,6 +51,11 @@ class ConstantStepSize:
         # The relative slack keeps 1.0 / 0.1 from becoming 11 steps through rounding, also when
         # the times were float32 (0.1 is then 0.10000000149): a step may exceed step_size by 1e-6.
         return max(1, math.ceil(abs(t1 - t0) / self.step_size * (1 - 1e-6)))
+
+
+def _positive_int(n) -> bool:
+    # bool is an int, and "3" is not: both are mistakes worth naming.
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1
 
 
 @dataclass
@@ -59,25 +75,37 @@ class PIController:
         safety: safety factor.
         factor_min: smallest step ratio.
         factor_max: largest step ratio.
-        dt0: first step size (None: chosen by Hairer's rule, 2 extra field evaluations).
+        dt0: size of the first step, positive whatever the direction of integration (None:
+            chosen by Hairer's rule, one extra field evaluation).
         dt_min: the step floor; reaching it raises ``StepSizeError``.
         max_nfe: cap on field evaluations; reaching it raises ``StepSizeError``.
+        max_steps: cap on accepted steps; reaching it raises ``StepSizeError``.
     """
 
-    rtol: float = 1e-6
-    atol: float = 1e-8
+    rtol: float = RTOL
+    atol: float = ATOL
     beta1: float = 0.7
     beta2: float = 0.4
     safety: float = 0.9
     factor_min: float = 0.2
     factor_max: float = 10.0
     dt0: float | None = None
-    dt_min: float = 1e-12
-    max_nfe: int = 100_000
+    dt_min: float = DT_MIN
+    max_nfe: int = MAX_NFE
+    max_steps: int = MAX_STEPS
 
     def __post_init__(self):
         if not (self.rtol >= 0 and self.atol >= 0 and self.rtol + self.atol > 0):
             raise ValueError(f"need rtol, atol >= 0, not both 0; got {self.rtol}, {self.atol}")
+        if self.dt0 is not None and not (math.isfinite(self.dt0) and self.dt0 > 0):
+            raise ValueError(
+                f"the first step must be a positive finite size (the direction comes from t), got {self.dt0}"
+            )
+        if not (math.isfinite(self.dt_min) and self.dt_min >= 0):
+            raise ValueError(f"dt_min must be a non-negative finite number, got {self.dt_min}")
+        for name in ("max_nfe", "max_steps"):
+            if not _positive_int(getattr(self, name)):
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
 
     def error_norm(self, error: torch.Tensor, x: torch.Tensor, x_new: torch.Tensor) -> float:
         scale = self.atol + self.rtol * torch.maximum(x.abs(), x_new.abs())

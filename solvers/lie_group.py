@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from .base import StepResult
 from .tableau import ButcherTableau
 
 __all__ = ["RKMK"]
@@ -35,7 +36,9 @@ class RKMK:
         action: e.g. ``manifolds.LowRankSphereAction``; its ``manifold`` is where the state lives.
     """
 
-    adaptive = False
+    error_order = None
+    fsal = False
+    strict = True  # the group acts on points of the manifold
 
     def __init__(self, tableau: ButcherTableau, action):
         self.tableau = tableau
@@ -48,17 +51,18 @@ class RKMK:
     def __repr__(self):
         return f"RKMK({self.tableau.name}, action={type(self.action).__name__})"
 
-    def step(self, f: Callable, t: float, x: torch.Tensor, h: float, manifold, k_first=None):
-        """Advance one step; same contract as ``RungeKutta.step`` (no error, no FSAL)."""
+    def step(self, f: Callable, t: float, x: torch.Tensor, h: float, manifold, k_first=None) -> StepResult:
+        """Advance one step (the ``Solver`` contract; no error estimate). ``k_first``, the field
+        at ``(t, x)`` when known, saves the first stage's evaluation."""
         tab, act = self.tableau, self.action
         ks = []  # dexpinv-corrected generators
         for i in range(tab.stages):
             ti = torch.tensor(t + tab.c[i] * h, dtype=x.dtype)
             if i == 0:
-                ks.append(act.generator(x, f(ti, x)))
+                ks.append(act.generator(x, f(ti, x) if k_first is None else k_first))
                 continue
             theta = _weighted_sum(ks, tab.a[i], h)
             xi = act.act(act.exp(theta), x)
             ks.append(act.dexpinv(theta, act.generator(xi, f(ti, xi)), tab.order))
         theta = _weighted_sum(ks, tab.b, h)
-        return manifold.projx(act.act(act.exp(theta), x)), None, None
+        return StepResult(manifold.projx(act.act(act.exp(theta), x)))

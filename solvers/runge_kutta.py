@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from .base import StepResult
 from .tableau import ButcherTableau
 
 __all__ = ["RungeKutta", "combine"]
@@ -60,19 +61,27 @@ class RungeKutta:
         return self.tableau.order
 
     @property
-    def adaptive(self) -> bool:
-        return self.tableau.b_low is not None
+    def error_order(self) -> int | None:
+        return self.tableau.error_order
+
+    @property
+    def fsal(self) -> bool:
+        return self.tableau.fsal
+
+    @property
+    def strict(self) -> bool:
+        return self.mode == "strict"
 
     def __repr__(self):
         return f"RungeKutta({self.tableau.name}, mode={self.mode!r})"
 
-    def eval_field(self, f: Callable, t, x, manifold):
+    def field_value(self, f: Callable, t, x, manifold):
         """The field value a stage uses: projected onto the tangent space in strict mode."""
         k = f(t, x)
         return manifold.proju(x, k) if self.mode == "strict" else k
 
-    def step(self, f: Callable, t: float, x: torch.Tensor, h: float, manifold, k_first=None):
-        """Advance one step.
+    def step(self, f: Callable, t: float, x: torch.Tensor, h: float, manifold, k_first=None) -> StepResult:
+        """Advance one step (the ``Solver`` contract).
 
         Args:
             f: the field ``f(t, x)`` (``t`` a 0-dim tensor).
@@ -81,10 +90,6 @@ class RungeKutta:
             h: the step size (negative integrates backwards).
             manifold: a geoopt manifold.
             k_first: the (projected) field at ``(t, x)`` if already known (FSAL).
-
-        Returns:
-            ``(x_new, error or None, k_last or None)``; ``k_last`` is the field at the new state
-            for FSAL tableaus.
         """
         tab = self.tableau
         ks = []
@@ -92,16 +97,16 @@ class RungeKutta:
         for i in range(tab.stages):
             ti = torch.tensor(t + tab.c[i] * h, dtype=x.dtype)
             if i == 0:
-                ks.append(self.eval_field(f, ti, x, manifold) if k_first is None else k_first)
+                ks.append(self.field_value(f, ti, x, manifold) if k_first is None else k_first)
                 continue
             if tab.fsal and i == tab.stages - 1:
                 x_new = manifold.retr(x, combine(None, ks, tab.b, h))
-                ks.append(self.eval_field(f, ti, x_new, manifold))
+                ks.append(self.field_value(f, ti, x_new, manifold))
                 continue
-            ks.append(self.eval_field(f, ti, combine(x, ks, tab.a[i], h), manifold))
+            ks.append(self.field_value(f, ti, combine(x, ks, tab.a[i], h), manifold))
         if x_new is None:
             x_new = manifold.retr(x, combine(None, ks, tab.b, h))
         error = None
         if tab.b_low is not None:
             error = manifold.proju(x, combine(None, ks, tab.b_err, h))
-        return x_new, error, (ks[-1] if tab.fsal else None)
+        return StepResult(x_new, error, ks[-1] if tab.fsal else None)

@@ -1,21 +1,26 @@
-"""``integrate``: the solve loop shared by every solver, with validation and statistics."""
+"""``integrate``: the one solve loop. Every solve in the project, a model's included, runs here.
+
+It plans the steps (fixed) or lets the controller choose them (adaptive), restarts at the breaks
+of a ``Piecewise`` field, counts field evaluations, checks the state after every step, and
+computes gradients by backprop, two-level checkpointing or the continuous adjoint.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Callable
 
 import geoopt
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .base import Piecewise, Term
 from .checkpointing import checkpointed_steps
 from .controllers import ConstantStepSize, PIController
 from .errors import NonFiniteError, OffManifoldError, StepSizeError, describe
 
-__all__ = ["Solution", "SolveStats", "integrate", "GRADIENT_MODES"]
+__all__ = ["GRADIENT_MODES", "Solution", "SolveStats", "check_on_manifold", "integrate"]
 
 GRADIENT_MODES = ("backprop", "checkpoint", "adjoint")
 
@@ -38,32 +43,47 @@ class Solution:
     stats: SolveStats = field(default_factory=SolveStats)
 
 
-class _CountedField:
-    """Wraps the user's field: counts evaluations and checks the output shape."""
+class _Counter:
+    """Counts the field evaluations of one step and checks each value's shape.
 
-    def __init__(self, f: Callable, stats: SolveStats):
-        self.f = f
-        self.stats = stats
+    One is made inside each step, so its count is a local value that the step returns: nothing
+    escapes a checkpoint (``torch.compile`` traces it whole) and the backward pass's reruns add
+    nothing to the solve's count.
+    """
 
-    def __call__(self, t, x):
-        self.stats.nfe += 1
-        out = self.f(t, x)
-        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(
-                f"the field returned {got} at t={float(t):.6g}; it must return a tensor shaped "
-                f"like the state, {tuple(x.shape)}"
-            )
-        return out
+    def __init__(self):
+        self.n = 0
+
+    def wrap(self, f):
+        if isinstance(f, (tuple, list)):  # a split field: count every term's evaluations
+            return tuple(Term(self.wrap(term.field), term.manifold) for term in f)
+
+        def counted(t, x):
+            self.n += 1
+            out = f(t, x)
+            if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(
+                    f"the field returned {got} at t={float(t):.6g}; it must return a tensor shaped "
+                    f"like the state, {tuple(x.shape)}"
+                )
+            return out
+
+        return counted
 
 
 def _times(t) -> list[float]:
-    t = torch.as_tensor(t)
-    if t.dim() != 1 or len(t) < 1:
-        raise ValueError(f"t must be a 1-D tensor of output times, got shape {tuple(t.shape)}")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"t must be finite, got {t.tolist()}")
-    ts = t.tolist()
+    if isinstance(t, torch.Tensor):
+        if t.requires_grad:
+            raise ValueError("gradients with respect to the output times are not supported: pass t.detach()")
+        if t.dim() != 1:
+            raise ValueError(f"t must be a 1-D tensor of output times, got shape {tuple(t.shape)}")
+        t = t.tolist()
+    ts = [float(x) for x in t]  # a list of numbers (what models pass) stays off the traced graph
+    if not ts:
+        raise ValueError("t must hold at least one output time")
+    if not all(math.isfinite(x) for x in ts):
+        raise ValueError(f"t must be finite, got {ts}")
     diffs = [b - a for a, b in zip(ts, ts[1:])]
     if diffs and not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
         raise ValueError(f"t must be strictly increasing or strictly decreasing, got {ts}")
@@ -71,8 +91,12 @@ def _times(t) -> list[float]:
 
 
 def check_on_manifold(y0: torch.Tensor, manifold) -> None:
-    """Raise ``OffManifoldError`` (saying by how much) if ``y0`` is off ``manifold``."""
-    tol = 1e-4 if y0.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-8
+    """Raise ``OffManifoldError`` (saying by how much) if ``y0`` is off ``manifold``.
+
+    The tolerance is float32's whatever the dtype: a point made in float32 and cast to float64 is
+    on the manifold to float32's precision, and the first retraction takes it the rest of the way.
+    """
+    tol = 1e-2 if y0.dtype in (torch.float16, torch.bfloat16) else 1e-5
     ok, reason = manifold.check_point_on_manifold(y0.detach(), explain=True, atol=tol, rtol=tol)
     if not ok:
         gap = (manifold.projx(y0.detach()) - y0.detach()).abs().max().item()
@@ -85,15 +109,33 @@ def check_on_manifold(y0: torch.Tensor, manifold) -> None:
 def _check_finite(x: torch.Tensor, where: str) -> None:
     # One sum costs far less per step than an elementwise isfinite (~40x at 256 x 256 on CPU). It
     # is non-finite whenever an entry is; a false alarm from finite entries overflowing the sum is
-    # cleared by the exact check below.
-    if math.isfinite(x.detach().sum().item()):
+    # cleared by the exact check below. torch.compile traces the solve without it: reading a
+    # value back would break the graph at every step.
+    if torch.compiler.is_compiling() or math.isfinite(x.detach().sum().item()):
         return
     if not torch.isfinite(x).all():
         raise NonFiniteError(f"the state became non-finite {where}: {describe(x)}")
 
 
+def _plan(ts: list[float], pieces: Piecewise) -> list[list[tuple[float, float, int]]]:
+    """Per output interval, the intervals between knots (output times and breaks): ``(a, b, piece)``."""
+    lo, hi = min(ts), max(ts)
+    slack = 1e-9 * max(1.0, abs(lo), abs(hi))
+    if pieces.breaks[0] > lo + slack or pieces.breaks[-1] < hi - slack:
+        raise ValueError(
+            f"the Piecewise field covers [{pieces.breaks[0]:g}, {pieces.breaks[-1]:g}], not the output "
+            f"times [{lo:g}, {hi:g}]"
+        )
+    plan = []
+    for a, b in zip(ts, ts[1:]):
+        inner = [x for x in pieces.breaks if min(a, b) + slack < x < max(a, b) - slack]
+        knots = [a, *(inner if b > a else reversed(inner)), b]
+        plan.append([(p, q, pieces.index(min(p, q), max(p, q))) for p, q in zip(knots, knots[1:])])
+    return plan
+
+
 def integrate(
-    f: Callable,
+    f,
     y0: torch.Tensor,
     t,
     *,
@@ -102,109 +144,168 @@ def integrate(
     controller: ConstantStepSize | PIController | None = None,
     gradient: str = "backprop",
     check_finite: bool = True,
+    adjoint_params=None,
 ) -> Solution:
     """Integrate ``dy/dt = f(t, y)`` on a manifold from ``y0`` at ``t[0]`` to each ``t[i]``.
 
     Args:
-        f: the vector field ``f(t, x)``, returning a tensor shaped like ``x``.
-        y0: initial state, on ``manifold``.
+        f: the field: a callable ``f(t, x)`` returning a tensor shaped like ``x``; a sequence of
+            ``Term`` for a ``Split`` solver; or a ``Piecewise`` field.
+        y0: initial state, on ``manifold`` (checked when the solver is strict).
         t: 1-D increasing or decreasing output times.
-        solver: a ``RungeKutta`` or ``RKMK`` instance.
-        manifold: a geoopt manifold (default Euclidean).
-        controller: ``ConstantStepSize`` (default: one step per output interval) or
-            ``PIController`` (adaptive; the solver needs an embedded error estimate).
-        gradient: "backprop" (through every operation) or "checkpoint" (recompute in the
-            backward pass: fixed steps keep about ``2 sqrt(n)`` states for ``n`` steps, see
-            ``checkpointed_steps``; adaptive steps keep one per step). The continuous adjoint is
-            ``solvers.odeint_adjoint``.
+        solver: a ``Solver``: ``RungeKutta``, ``RKMK``, ``Split``, ...
+        manifold: a geoopt manifold (default Euclidean); a ``Piecewise`` field's terms may name
+            their own.
+        controller: ``ConstantStepSize`` (default: one step per interval) or ``PIController``
+            (adaptive; the solver needs an error estimate).
+        gradient: "backprop" (through every operation), "checkpoint" (recompute in the backward
+            pass: fixed steps keep about ``2 sqrt(n)`` states for ``n`` steps, see
+            ``checkpointed_steps``; adaptive steps keep one per step) or "adjoint" (the continuous
+            adjoint: memory flat in the steps; strict Runge-Kutta solvers only).
         check_finite: check the state after every step and raise ``NonFiniteError`` naming the
             step and time (one reduction per step).
+        adjoint_params: with ``gradient="adjoint"``, the tensors to differentiate (default: the
+            parameters of the field when it is an ``nn.Module``).
 
     Returns:
         A ``Solution`` with ``ys`` of shape ``(len(t), *y0.shape)``, all on the manifold.
     """
-    manifold = geoopt.Euclidean() if manifold is None else manifold
     controller = ConstantStepSize(steps=1) if controller is None else controller
-    if gradient not in GRADIENT_MODES[:2]:
-        hint = "; use solvers.odeint_adjoint for the adjoint" if gradient == "adjoint" else ""
-        raise ValueError(f"unknown gradient mode {gradient!r}; expected one of {GRADIENT_MODES[:2]}{hint}")
-    if isinstance(controller, PIController) and not getattr(solver, "adaptive", False):
+    if gradient not in GRADIENT_MODES:
+        raise ValueError(f"unknown gradient mode {gradient!r}; expected one of {GRADIENT_MODES}")
+    adaptive = isinstance(controller, PIController)
+    if adaptive and getattr(solver, "error_order", None) is None:
         raise ValueError(f"{solver!r} has no error estimate; use ConstantStepSize with it")
     if not isinstance(y0, torch.Tensor) or not y0.is_floating_point():
         raise ValueError("y0 must be a floating-point tensor")
-    if not torch.isfinite(y0).all():
-        raise ValueError("y0 contains NaN or infinite entries")
+    if y0.numel() == 0:
+        raise ValueError(f"y0 is empty (shape {tuple(y0.shape)}): there is nothing to integrate")
     ts = _times(t)
-    check_on_manifold(y0, manifold)
-
-    stats = SolveStats()
-    field_ = _CountedField(f, stats)
-    ys = [y0]
-    x = y0
-    # Without gradients there is nothing to recompute: checkpointing would only cost.
-    gradient = gradient if torch.is_grad_enabled() else "backprop"
-    if isinstance(controller, PIController):
-        # The number of steps is not known ahead: checkpoint each one.
-        checkpointed = partial(checkpoint, solver.step, use_reentrant=False)
-        step = checkpointed if gradient == "checkpoint" else solver.step
-        _adaptive(field_, ts, x, ys, step, solver, manifold, controller, stats, check_finite)
+    if isinstance(f, Piecewise):
+        pieces = f
     else:
-        for t0, t1 in zip(ts, ts[1:]):
-            n = controller.grid(t0, t1)
-            h = (t1 - t0) / n
+        ends = (min(ts), max(ts)) if len(ts) > 1 else (ts[0], ts[0] + 1.0)
+        pieces = Piecewise(ends, lambda i: Term(f, manifold))
+    plan = _plan(ts, pieces)
+    default = geoopt.Euclidean() if manifold is None else manifold
 
-            # Defaults bind this interval's values: a checkpoint reruns the step after the loop.
-            def step(i, x, t0=t0, h=h, done=stats.steps):
-                x = solver.step(field_, t0 + i * h, x, h, manifold)[0]
-                if check_finite:
-                    _check_finite(x, f"at step {done + i + 1} (t={t0 + (i + 1) * h:.6g}, h={h:.3g})")
-                return x
+    def term(i: int):
+        field_, m = pieces.piece(i)
+        return field_, (default if m is None else m)
 
-            if gradient == "checkpoint":
-                x = checkpointed_steps(step, x, n)
-            else:
-                for i in range(n):
-                    x = step(i, x)
-            stats.steps += n
-            ys.append(x)
-    # The backward pass reruns checkpointed steps through field_: they must not count as the solve's.
-    field_.stats = SolveStats()
-    return Solution(torch.tensor(ts, dtype=y0.dtype), torch.stack(ys), stats)
+    if not torch.compiler.is_compiling():  # data-dependent checks would break the traced graph
+        if not torch.isfinite(y0).all():
+            raise ValueError("y0 contains NaN or infinite entries")
+        if solver.strict:
+            check_on_manifold(y0, term(plan[0][0][2] if plan else 0)[1])
+
+    if gradient == "adjoint":
+        from .adjoint import adjoint_solve  # the adjoint's solves come back here: import on use
+
+        return adjoint_solve(term, plan, y0, ts, solver, controller, check_finite, adjoint_params)
+    # Without gradients there is nothing to recompute: checkpointing would only cost.
+    recompute = gradient == "checkpoint" and torch.is_grad_enabled()
+    stats = SolveStats()
+    run = _adaptive if adaptive else _fixed
+    ys = run(term, plan, y0, solver, controller, stats, recompute, check_finite)
+    return Solution(torch.tensor(ts, dtype=y0.dtype, device=y0.device), torch.stack(ys), stats)
 
 
-def _adaptive(f, ts, x, ys, step, solver, manifold, ctrl: PIController, stats, check_finite):
-    direction = 1.0 if len(ts) < 2 or ts[1] > ts[0] else -1.0
-    t = ts[0]
-    k = solver.eval_field(f, torch.tensor(t, dtype=x.dtype), x, manifold)
-    h = ctrl.initial_step(f, t, x, k, solver.order, manifold, direction)
-    prev_error = 1.0
-    k = k if solver.tableau.fsal else None
-    for t_out in ts[1:]:
-        while (t_out - t) * direction > 0:
-            if stats.nfe >= ctrl.max_nfe:
-                raise StepSizeError(
-                    f"NFE cap {ctrl.max_nfe} reached at t={t:.6g} with step size {h:.3g} after "
-                    f"{stats.steps} accepted and {stats.rejected} rejected steps"
-                )
-            last = (t_out - (t + h)) * direction <= 0
-            h_try = t_out - t if last else h
-            x_new, error, k_new = step(f, t, x, h_try, manifold, k)
-            error_norm = ctrl.error_norm(error, x, x_new)
-            accept, h_next, prev_error = ctrl.decide(error_norm, prev_error, h_try, solver.tableau.error_order)
-            if accept:
-                t = t_out if last else t + h_try
-                x, k = x_new, k_new
-                stats.steps += 1
-                if check_finite:
-                    _check_finite(x, f"at step {stats.steps} (t={t:.6g}, h={h_try:.3g})")
-                # A step shortened to land on t_out says little about the step size to use next.
-                h = max(h_next, h, key=abs) if last else h_next
-            else:
-                stats.rejected += 1
-                h = h_next
-            if abs(h) < ctrl.dt_min:
-                raise StepSizeError(
-                    f"step size {abs(h):.3g} fell below dt_min={ctrl.dt_min:g} at t={t:.6g} "
-                    f"(scaled error {error_norm:.3g}, NFE {stats.nfe}): the field may blow up here"
-                )
+def _fixed(term, plan, x, solver, controller: ConstantStepSize, stats, recompute, check_finite):
+    counts = [[controller.grid(a, b) for a, b, _ in interval] for interval in plan]
+    total = sum(map(sum, counts))
+    if total > controller.max_steps:
+        raise ValueError(
+            f"this fixed-step solve would take {total:,} steps, more than max_steps={controller.max_steps:,}; "
+            f"use a larger step size or fewer steps, or raise max_steps if you mean it"
+        )
+    ys = [x]
+    for interval, ns in zip(plan, counts):
+        steps = [(a + i * (b - a) / n, (b - a) / n, p) for (a, b, p), n in zip(interval, ns) for i in range(n)]
+
+        # Defaults bind this interval's values: a checkpoint reruns the step after the loop.
+        def advance(i, x, steps=steps, done=stats.steps):
+            t0, h, p = steps[i]
+            f, m = term(p)
+            count = _Counter()
+            x = solver.step(count.wrap(f), t0, x, h, m).y
+            if check_finite:
+                _check_finite(x, f"at step {done + i + 1} (t={t0 + h:.6g}, h={h:.3g})")
+            return x, count.n
+
+        if recompute:
+            x, nfe = checkpointed_steps(advance, x, len(steps))
+        else:
+            nfe = 0
+            for i in range(len(steps)):
+                x, n = advance(i, x)
+                nfe += n
+        stats.steps += len(steps)
+        stats.nfe += nfe
         ys.append(x)
+    return ys
+
+
+def _adaptive(term, plan, x, solver, ctrl: PIController, stats, recompute, check_finite):
+    def attempt(f, t, x, h, m, k):
+        count = _Counter()
+        y, error, k_last = solver.step(count.wrap(f), t, x, h, m, k)
+        return y, error, k_last, count.n
+
+    def evaluate(fn, *args):
+        count = _Counter()
+        out = fn(count, *args)
+        stats.nfe += count.n
+        return out
+
+    step = (lambda *a: checkpoint(attempt, *a, use_reentrant=False)) if recompute else attempt
+    ys, piece, h, prev_error = [x], None, None, 1.0
+    for interval in plan:
+        for a, b, p in interval:
+            direction = 1.0 if b > a else -1.0
+            t = a
+            if p != piece:  # a new field: start afresh from its value here
+                piece, (f, m) = p, term(p)
+                k = evaluate(lambda c: solver.field_value(c.wrap(f), torch.tensor(t, dtype=x.dtype), x, m))
+                if not torch.isfinite(k).all():
+                    raise NonFiniteError(f"the field is non-finite at t={t:.6g}, where the solve (re)starts: {describe(k)}")
+                if h is None:
+                    h = evaluate(lambda c: ctrl.initial_step(c.wrap(f), t, x, k, solver.order, m, direction))
+                k = k if solver.fsal else None
+            h = direction * min(abs(h), abs(b - a))
+            while (b - t) * direction > 0:
+                if stats.nfe >= ctrl.max_nfe or stats.steps >= ctrl.max_steps:
+                    cap = f"NFE cap {ctrl.max_nfe}" if stats.nfe >= ctrl.max_nfe else f"step cap {ctrl.max_steps}"
+                    raise StepSizeError(
+                        f"{cap} reached at t={t:.6g} with step size {h:.3g} after {stats.steps} accepted and "
+                        f"{stats.rejected} rejected steps"
+                    )
+                last = (b - (t + h)) * direction <= 0
+                h_try = b - t if last else h
+                x_new, error, k_new, n = step(f, t, x, h_try, m, k)
+                stats.nfe += n
+                error_norm = ctrl.error_norm(error, x, x_new)
+                accept, h_next, prev_error = ctrl.decide(error_norm, prev_error, h_try, solver.error_order)
+                if accept:
+                    t = b if last else t + h_try
+                    x, k = x_new, k_new
+                    stats.steps += 1
+                    if check_finite:
+                        _check_finite(x, f"at step {stats.steps} (t={t:.6g}, h={h_try:.3g})")
+                    # A step shortened to land on b says little about the step size to use next.
+                    h = max(h_next, h, key=abs) if last else h_next
+                else:
+                    stats.rejected += 1
+                    h = h_next
+                if abs(h) < ctrl.dt_min:
+                    if not math.isfinite(error_norm):
+                        raise NonFiniteError(
+                            f"every trial step at t={t:.6g} came back non-finite, down to step size "
+                            f"{abs(h_try):.3g} (NFE {stats.nfe}): the field returns NaN or inf next to this state"
+                        )
+                    raise StepSizeError(
+                        f"step size {abs(h):.3g} fell below dt_min={ctrl.dt_min:g} at t={t:.6g} "
+                        f"(scaled error {error_norm:.3g}, NFE {stats.nfe}): the field may blow up here"
+                    )
+        ys.append(x)
+    return ys

@@ -1,39 +1,69 @@
-"""Operator splitting: step ``f_1 + ... + f_n`` one field at a time.
+"""Operator splitting as a solver that wraps a solver: step ``f_1 + ... + f_n`` one part at a time.
 
 A Transformer block is the Lie-Trotter splitting of ``v_attn + v_ffn``: an attention substep, then
-an FFN substep, each a full step of the solver followed by that substep's retraction.
+an FFN substep, each a full step of the inner solver followed by that substep's retraction.
 """
 
 from __future__ import annotations
 
-__all__ = ["split_step", "SCHEMES"]
+from typing import Sequence
+
+import torch
+
+from .base import Solver, StepResult, Term
+
+__all__ = ["SCHEMES", "Split"]
 
 SCHEMES = ("lie", "strang")
 
 
-def split_step(solver, terms, t: float, x, h: float, scheme: str = "lie"):
-    """One step of size ``h`` of a split field.
+class Split:
+    """Lie-Trotter or Strang splitting of a field given as a sequence of ``Term``.
+
+    ``integrate`` passes the terms as the field: ``integrate((Term(f1, M1), Term(f2, M2)), ...)``.
+    Each substep is a full step of the inner solver on one term, retracting onto that term's
+    manifold (None: the solve's manifold).
 
     Args:
-        solver: any solver with ``step(f, t, x, h, manifold)``.
-        terms: sequence of ``(f, manifold)``: each field with the manifold its substeps retract
-            onto.
-        scheme: "lie" (Lie-Trotter, first order: ``phi^n_h o ... o phi^1_h``) or "strang"
-            (second order: half steps of ``f_1..f_{n-1}``, a full step of ``f_n``, half steps back).
-
-    Returns:
-        The state after the step.
+        solver: the solver of each substep.
+        scheme: "lie" (first order: ``phi^n_h o ... o phi^1_h``) or "strang" (second order: half
+            steps of ``f_1..f_{n-1}``, a full step of ``f_n``, half steps back).
     """
-    if scheme == "lie":
-        for f, manifold in terms:
-            x = solver.step(f, t, x, h, manifold)[0]
-        return x
-    if scheme == "strang":
+
+    error_order = None
+    fsal = False
+
+    def __init__(self, solver: Solver, scheme: str = "lie"):
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown splitting scheme {scheme!r}; expected one of {SCHEMES}")
+        self.solver = solver
+        self.scheme = scheme
+
+    @property
+    def order(self) -> int:
+        return min(self.solver.order, 1 if self.scheme == "lie" else 2)
+
+    @property
+    def strict(self) -> bool:
+        return self.solver.strict
+
+    def __repr__(self):
+        return f"Split({self.solver!r}, scheme={self.scheme!r})"
+
+    def step(self, f: Sequence[Term], t: float, x: torch.Tensor, h: float, manifold, k_first=None) -> StepResult:
+        """One step of size ``h``; ``f`` is the sequence of terms. ``k_first`` must be None: a
+        split field has no single field value to reuse."""
+        if k_first is not None:
+            raise ValueError("Split steps take no k_first: each substep evaluates its own term")
+        terms = [(term.field, manifold if term.manifold is None else term.manifold) for term in f]
+        if self.scheme == "lie":
+            for field, m in terms:
+                x = self.solver.step(field, t, x, h, m).y
+            return StepResult(x)
         *outer, (f_last, m_last) = terms
-        for f, manifold in outer:
-            x = solver.step(f, t, x, h / 2, manifold)[0]
-        x = solver.step(f_last, t, x, h, m_last)[0]
-        for f, manifold in reversed(outer):
-            x = solver.step(f, t + h / 2, x, h / 2, manifold)[0]
-        return x
-    raise ValueError(f"unknown splitting scheme {scheme!r}; expected one of {SCHEMES}")
+        for field, m in outer:
+            x = self.solver.step(field, t, x, h / 2, m).y
+        x = self.solver.step(f_last, t, x, h, m_last).y
+        for field, m in reversed(outer):
+            x = self.solver.step(field, t + h / 2, x, h / 2, m).y
+        return StepResult(x)

@@ -1,6 +1,6 @@
 """Building SVFlow language models from a handful of choices (the Transformer zoo as manifolds).
 
-Norm placements, as manifolds and fields (PAPER.md section 4):
+Norm placements, as manifolds and fields (docs/maths.md#normalisation-layers-as-retractions):
 
 - ``post_ln``: the state on the LayerNorm sphere with each substep's affine chart (BERT);
 - ``post_rms``: the state on the sphere of radius sqrt(d) with an RMSNorm gain as the chart;
@@ -12,6 +12,8 @@ Norm placements, as manifolds and fields (PAPER.md section 4):
 
 from __future__ import annotations
 
+import math
+
 import geoopt
 import torch
 from torch import nn
@@ -20,6 +22,8 @@ from manifolds import AffineChart, LayerNormSphere, Sphere
 
 from .embedding import TokenEmbedding
 from .fields import AttentionField, FFNField, NGPTField, PreNorm
+from solvers.defaults import ATOL, MAX_NFE, RTOL
+
 from .model import Block, SVFlow, Term
 
 __all__ = ["INITS", "NORMS", "SVFlowLM"]
@@ -77,13 +81,13 @@ class SVFlowLM(SVFlow):
         gradient: "backprop" or "checkpoint".
         causal: causal attention (a language model) or not.
         eps: epsilon of every normalisation.
-        rtol, atol, max_nfe: adaptive methods' tolerances and evaluation cap.
-        init: "nanogpt" draws every linear and embedding weight from ``N(0, 0.02^2)``, a scale
-            made for ``d_model ~ 768``; "fan_in" draws linear weights from ``N(0, 1 / fan_in)``
-            (LeCun) and keeps ``0.02`` for the embedding and the head tied to it. Below ~256
-            dimensions "nanogpt" starts attention nearly uniform and training slowly (a two-layer
-            model sits for thousands of steps on associative recall before it forms an induction
-            head); ``experiments/configs/base.yaml`` uses "fan_in". Biases start at zero.
+        rtol, atol, max_nfe: adaptive methods' tolerances and evaluation cap (``solvers.defaults``).
+        init: "fan_in" (default) draws linear weights from ``N(0, 1 / fan_in)`` (LeCun) and keeps
+            ``0.02`` for the embedding and the head tied to it; "nanogpt" draws every linear and
+            embedding weight from ``N(0, 0.02^2)``, a scale made for ``d_model ~ 768``: below ~256
+            dimensions it starts attention nearly uniform and trains slowly (a two-layer model sits
+            for thousands of steps on associative recall before it forms an induction head; Tiny
+            Shakespeare 1.900 vs 1.796 nats/char). Biases start at zero.
     """
 
     def __init__(
@@ -103,11 +107,17 @@ class SVFlowLM(SVFlow):
         gradient: str = "backprop",
         causal: bool = True,
         eps: float = 1e-5,
-        rtol: float = 1e-3,
-        atol: float = 1e-3,
-        max_nfe: int = 1000,
-        init: str = "nanogpt",
+        rtol: float = RTOL,
+        atol: float = ATOL,
+        max_nfe: int = MAX_NFE,
+        init: str = "fan_in",
     ):
+        for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("n_heads", n_heads),
+                            ("n_layers", n_layers), ("max_len", max_len), ("d_ff", d_ff)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"eps must be a non-negative finite number, got {eps!r}")
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
         if init not in INITS:

@@ -1,9 +1,10 @@
-"""The SVFlow model: embeddings -> a state on a manifold -> integrate with any solver -> readout.
+"""The SVFlow model: embeddings -> a state on a manifold -> one solve -> readout.
 
 A block is a list of terms, each a field and the manifold its substep retracts onto (post-LN:
 ``AffineChart(LayerNormSphere, gamma, beta)``; pre-norm: ``Euclidean`` with a ``PreNorm`` field).
 The flow runs over ``t in [0, T]`` with ``T`` the number of parameter sets (or ``depth`` when
-they are shared), so the default, one Euler step per block, has ``h = 1``: a Transformer.
+they are shared), so the default, one Euler step per block, has ``h = 1``: a Transformer. The
+model only describes the flow (a ``solvers.Piecewise`` field); ``solvers.integrate`` solves it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import torch
 from torch import nn
 
 from manifolds import AffineChart
-from solvers import SCHEMES, SolveStats, checkpointed_steps, make_solver, odeint, odeint_adjoint, split_step
+import solvers
+from solvers import GRADIENT_MODES, SCHEMES, ConstantStepSize, PIController, Piecewise, SolveStats, integrate, make_solver
+from solvers.defaults import ATOL, MAX_NFE, RTOL
 
 from .fields import Interpolated, SumField, locate
 
@@ -25,11 +28,11 @@ __all__ = ["Term", "Block", "SVFlow", "SVFlowOutput", "TIME_MODES", "SPLITTINGS"
 
 TIME_MODES = ("per_step", "shared", "continuous")
 SPLITTINGS = SCHEMES + ("none",)
-GRADIENT_MODES = ("backprop", "checkpoint", "adjoint")
 
 
 class Term(nn.Module):
-    """One substep of a block: a field and the manifold its step retracts onto."""
+    """``solvers.Term`` as a module: a field and the manifold its substep retracts onto, holding
+    their parameters (an affine chart's gain and shift are the layer's norm weights)."""
 
     def __init__(self, field: nn.Module, manifold: geoopt.Manifold):
         super().__init__()
@@ -108,9 +111,9 @@ class SVFlow(nn.Module):
         mode: str = "relaxed",
         splitting: str = "lie",
         gradient: str = "backprop",
-        rtol: float = 1e-3,
-        atol: float = 1e-3,
-        max_nfe: int = 1000,
+        rtol: float = RTOL,
+        atol: float = ATOL,
+        max_nfe: int = MAX_NFE,
         final_norm: nn.Module | None = None,
         head: nn.Module | None = None,
     ):
@@ -121,40 +124,72 @@ class SVFlow(nn.Module):
             raise ValueError(f"unknown splitting {splitting!r}; expected one of {SPLITTINGS}")
         if gradient not in GRADIENT_MODES:
             raise ValueError(f"unknown gradient mode {gradient!r}; expected one of {GRADIENT_MODES}")
-        if gradient == "adjoint" and splitting != "none":
-            raise ValueError("gradient='adjoint' integrates one field: use splitting='none'")
         if not blocks:
             raise ValueError("an SVFlow needs at least one block")
         if time == "shared" and len(blocks) != 1:
             raise ValueError(f"time='shared' takes exactly one block, got {len(blocks)}")
-        if len({len(block.terms) for block in blocks}) > 1:  # interpolation and NFE pair terms up by position
+        if len({len(block.terms) for block in blocks}) > 1:  # interpolation pairs terms up by position
             raise ValueError(f"every block needs the same number of terms, got {[len(b.terms) for b in blocks]}")
         if time == "shared" and depth is None:
             raise ValueError("time='shared' needs depth (the horizon T)")
         self.embed = embed
         self.blocks = nn.ModuleList(blocks)
         self.time, self.mode, self.splitting, self.gradient = time, mode, splitting, gradient
+        charts = any(isinstance(term.manifold, AffineChart) for block in blocks for term in block.terms)
+        if charts and mode == "strict":
+            raise ValueError(
+                "mode='strict' needs the state on each substep's manifold, but the state of a model with "
+                "affine charts (post-LN, post-RMS) moves from one layer's chart to the next; use "
+                "mode='relaxed', the Transformer's own step"
+            )
+        if gradient == "adjoint":
+            self._check_adjoint(charts)
         self.horizon = depth if time == "shared" else len(blocks)
         self.method = method
         self.rtol, self.atol, self.max_nfe = rtol, atol, max_nfe
         self.steps = self.horizon if steps is None else steps
         self.final_norm = final_norm
         self.head = head
-        make_solver(method, self.blocks[0].terms[0].manifold, mode)  # fail early on bad names
+        self._solver(method)  # fail early on bad names and combinations
         self._check_steps(self.steps)
 
+    def _check_adjoint(self, charts: bool) -> None:
+        euclidean = all(isinstance(t.manifold, geoopt.Euclidean) for b in self.blocks for t in b.terms)
+        if charts or not (self.mode == "strict" or euclidean):
+            raise ValueError(
+                "gradient='adjoint' solves the adjoint of a tangent field (mode='strict'); this model steps "
+                "by the relaxed retraction (post-LN/post-RMS charts or mode='relaxed'), whose steps have no "
+                "continuous adjoint: use gradient='checkpoint' (memory like 2 sqrt(steps) states)"
+            )
+        if self.splitting != "none":
+            raise ValueError("gradient='adjoint' integrates one field: use splitting='none'")
+
+    def _solver(self, method: str):
+        """The solver object for a method name: the model's mode and splitting applied."""
+        if method in solvers.ADAPTIVE and self.splitting != "none":
+            raise ValueError(
+                f"adaptive methods integrate one field: use splitting='none' with {method!r} (got {self.splitting!r})"
+            )
+        # On Euclidean states strict and relaxed steps are the same method; strict is the one the
+        # adjoint accepts.
+        euclidean = all(isinstance(t.manifold, geoopt.Euclidean) for b in self.blocks for t in b.terms)
+        mode = "strict" if euclidean else self.mode
+        splitting = None if self.splitting == "none" else self.splitting
+        return make_solver(method, self.blocks[0].terms[0].manifold, mode, splitting)
+
     def _check_steps(self, steps: int) -> None:
-        if int(steps) != steps or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps}")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
         if self.time == "per_step" and steps % len(self.blocks):
             raise ValueError(
                 f"with per-step parameters, steps ({steps}) must be a multiple of the number of "
                 f"blocks ({len(self.blocks)}); use time='continuous' for any step count"
             )
 
-    def _terms(self, k: int | None, t: float, context: dict):
-        """``(f, manifold)`` per term of block ``k``, or of the continuous-in-time field (``k``
-        None; charts taken at time ``t``); ``f`` binds the context (e.g. the padding mask)."""
+    def _term(self, k: int | None, t: float, context: dict) -> solvers.Term:
+        """The field on block ``k``, or the continuous-in-time field (``k`` None; charts taken at
+        ``t``), as a ``solvers.Term``: split into its terms unless ``splitting="none"``. Fields
+        bind the context (e.g. the padding mask)."""
         if k is None and len(self.blocks) > 1:
             columns = list(zip(*(b.terms for b in self.blocks)))  # per term: its K parameter sets
             fields = [Interpolated([term.field for term in col]) for col in columns]
@@ -164,76 +199,59 @@ class SVFlow(nn.Module):
             fields = [term.field for term in block.terms]
             manifolds = [term.manifold for term in block.terms]
         if self.splitting == "none":
-            fields, manifolds = [SumField(*fields)], manifolds[-1:]
-        return [(partial(field, **context), m) for field, m in zip(fields, manifolds)]
+            return solvers.Term(partial(SumField(*fields), **context), manifolds[-1])
+        terms = tuple(solvers.Term(partial(f, **context), m) for f, m in zip(fields, manifolds))
+        return solvers.Term(terms, manifolds[-1])
+
+    def _field(self, steps: int, adaptive: bool, context: dict) -> Piecewise:
+        """The flow as a ``solvers.Piecewise`` field over ``[0, horizon]``."""
+        L, T = len(self.blocks), self.horizon
+        if self.time == "per_step":
+            return Piecewise(range(L + 1), lambda k: self._term(k, k, context))
+        if self.time == "shared" or L == 1:
+            return Piecewise((0, T), lambda i: self._term(0, 0.0, context))
+        charts = any(isinstance(term.manifold, AffineChart) for term in self.blocks[0].terms)
+        if charts and adaptive:
+            raise ValueError(
+                "adaptive methods need one manifold per piece; this model's charts change with t "
+                "(use time='per_step' or a model without charts)"
+            )
+        if charts:  # a chart per step, taken at the step's start
+            times = [n * T / steps for n in range(steps + 1)]
+            return Piecewise(times, lambda n: self._term(None, times[n], context))
+        # Adaptive steps restart where the interpolated parameters kink.
+        return Piecewise(range(L + 1) if adaptive else (0, T), lambda i: self._term(None, 0.0, context))
 
     def flow(self, x: torch.Tensor, *, method: str, steps: int, context: dict):
         """Integrate from the embedded state; returns the states and the stats.
 
         Fixed-step methods return the state after every step, except when checkpointing with
         gradients enabled: the two ends only (holding every state would undo the memory saving).
-        Adaptive methods (bosh3, dopri5: ``rtol``/``atol``/``max_nfe``) and the adjoint solve
-        piece by piece and return the states at the pieces' ends: the block boundaries, or the
-        two ends for shared parameters (and for continuous ones with fixed steps).
+        Adaptive methods (bosh3, dopri5: ``rtol``/``atol``/``max_nfe``) and the adjoint return the
+        states at the block boundaries, or the two ends for shared parameters.
         """
-        solver = make_solver(method, self.blocks[0].terms[0].manifold, self.mode)
+        solver = self._solver(method)
         self._check_steps(steps)
-        if solver.adaptive or self.gradient == "adjoint":
-            return self._flow_by_pieces(x, method, solver.adaptive, steps, context)
-        scheme = "lie" if self.splitting == "none" else self.splitting
-        h = self.horizon / steps
-
-        def step(n: int, x: torch.Tensor) -> torch.Tensor:
-            k = n * len(self.blocks) // steps if self.time == "per_step" else None
-            return split_step(solver, self._terms(k, n * h, context), n * h, x, h, scheme)
-
-        # Counted here, not inside the fields: a side effect would break torch.compile's graph
-        # under checkpointing. Strang takes every term but the last twice.
-        terms = 1 if self.splitting == "none" else len(self.blocks[0].terms)
-        substeps = terms if scheme == "lie" else 2 * terms - 1
-        stats = SolveStats(steps=steps, nfe=steps * substeps * solver.tableau.stages)
-        if self.gradient == "checkpoint" and torch.is_grad_enabled():
-            return [x, checkpointed_steps(step, x, steps)], stats
-        states = [x]
-        for n in range(steps):
-            states.append(step(n, states[-1]))
-        return states, stats
-
-    def _flow_by_pieces(self, x, method: str, adaptive: bool, steps: int, context: dict):
-        if self.splitting != "none":
-            raise ValueError(
-                f"adaptive methods and the adjoint integrate one field: use splitting='none' (got {self.splitting!r})"
-            )
-        L = len(self.blocks)
-        # Restart at every block boundary where the parameters jump (per-step) or, for adaptive
-        # steps, kink (continuous): an embedded error estimate does not see a kink inside a step.
-        if self.time == "shared" or (self.time == "continuous" and not adaptive):
-            pieces = [(None, 0, self.horizon, steps)]
+        adaptive = solver.error_order is not None
+        T = self.horizon
+        if adaptive:
+            controller = PIController(rtol=self.rtol, atol=self.atol, max_nfe=self.max_nfe)
         else:
-            pieces = [(k if self.time == "per_step" else None, k, k + 1, steps // L) for k in range(L)]
-        stats, states = SolveStats(), [x]
-        for k, t0, t1, n in pieces:
-            [(f, manifold)] = self._terms(k, t0, context)
-            if k is None and L > 1 and isinstance(manifold, AffineChart):
-                raise ValueError(
-                    "adaptive methods and the adjoint need one manifold per solve; this model's "
-                    "charts change with t (use time='per_step' or a model without charts)"
-                )
-            piece = SolveStats()
-            options = {"stats": piece, "max_nfe": self.max_nfe, **({} if adaptive else {"steps": n})}
-            kwargs = dict(method=method, manifold=manifold, rtol=self.rtol, atol=self.atol, options=options)
-            t = torch.tensor([float(t0), float(t1)], dtype=x.dtype)
-            if self.gradient == "adjoint":
-                if self.mode != "strict" and not isinstance(manifold, geoopt.Euclidean):
-                    raise ValueError("the adjoint is sound for the tangent field only: use mode='strict'")
-                x = odeint_adjoint(f, x, t, adjoint_params=tuple(self.blocks.parameters()), **kwargs)[-1]
-            else:
-                options.update(gradient=self.gradient, mode=self.mode)
-                x = odeint(f, x, t, **kwargs)[-1]
-            states.append(x)
-            for name in ("steps", "nfe", "rejected"):
-                setattr(stats, name, getattr(stats, name) + getattr(piece, name))
-        return states, stats
+            controller = ConstantStepSize(step_size=T / steps)
+            if steps > controller.max_steps:  # before building the output times
+                raise ValueError(f"steps={steps:,} is more than max_steps={controller.max_steps:,}")
+        field = self._field(steps, adaptive, context)
+        if adaptive or self.gradient == "adjoint":
+            times = [0.0, float(T)] if len(field) == 1 else list(field.breaks)
+        elif self.gradient == "checkpoint" and torch.is_grad_enabled():
+            times = [0.0, float(T)]
+        else:
+            times = [n * T / steps for n in range(steps + 1)]
+        solution = integrate(
+            field, x, times, solver=solver, controller=controller, gradient=self.gradient,
+            adjoint_params=tuple(self.blocks.parameters()) if self.gradient == "adjoint" else None,
+        )
+        return list(solution.ys.unbind(0)), solution.stats
 
     def forward(
         self,
@@ -253,11 +271,16 @@ class SVFlow(nn.Module):
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids "
-                f"{tuple(input_ids.shape)}"
-            )
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): there are no tokens to run")
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids "
+                    f"{tuple(input_ids.shape)}"
+                )
+            if not torch.compiler.is_compiling() and not ((attention_mask == 0) | (attention_mask == 1)).all():
+                raise ValueError("attention_mask must hold 1 (token) or 0 (padding) only; found other values")
         context = {} if attention_mask is None else {"attention_mask": attention_mask}
         x = self.embed(input_ids)
         states, stats = self.flow(

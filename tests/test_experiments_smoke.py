@@ -35,11 +35,12 @@ def test_solver_sweep_smoke(tmp_path):
         if r["method"] != "dopri5":
             terms = 2 if r["arch"] == "post_ln" else 1  # Lie splitting counts attention and FFN apart
             assert float(r["nfe_train"]) == int(r["steps"]) * STAGES[r["method"]] * terms
-    # Matched FLOPs: every 2K-evaluation run costs the same; dopri5 needs at least 8 evaluations per block.
+    # Matched FLOPs: every 2K-evaluation run costs the same; dopri5 restarts at each block (one
+    # evaluation) and takes at least one step there (six more).
     matched = (f"euler ×{2 * K}", f"midpoint ×{K}", f"heun ×{K}", f"rk4 ×{K // 2}", f"rkmk4 ×{K // 2}")
     budget = {float(r["train_flops_per_token"]) for r in rows if r["run"] in matched}
     assert len(budget) == 1
-    assert all(float(r["nfe_train"]) >= 8 * K for r in rows if r["method"] == "dopri5")
+    assert all(float(r["nfe_train"]) >= 7 * K for r in rows if r["method"] == "dopri5")
     assert "## Verdict" in out.with_suffix(".md").read_text()
     # Every trained model is saved, and rebuilds to the validation loss it was saved with.
     saved = sorted((tmp_path / "models").glob("*.pt"))

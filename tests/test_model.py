@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import geoopt
-from solvers import RK4, RungeKutta, split_step
+from solvers import RK4, ConstantStepSize, RungeKutta, Split, Term, integrate
 from svflow_ode.lm import NORMS, SVFlowLM
 from svflow_ode.model import Block, SVFlow
 
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _lm(**kw):
-    return SVFlowLM(**{"vocab_size": 20, "d_model": 16, "n_heads": 2, "n_layers": 3, "max_len": 8, **kw})
+    return SVFlowLM(**{"vocab_size": 20, "d_model": 16, "n_heads": 2, "n_layers": 3, "max_len": 8, "init": "nanogpt", **kw})
 
 
 def test_continuous_parameters_reproduce_the_per_step_stack_at_unit_steps():
@@ -45,16 +45,17 @@ def test_strang_splitting_is_second_order_and_lie_first():
     A, B = torch.randn(4, 4), torch.randn(4, 4)
     x0 = torch.randn(4)
     exact = torch.linalg.matrix_exp(A + B) @ x0
-    solver, euclid = RungeKutta(RK4), geoopt.Euclidean(ndim=1)
-    terms = [(lambda t, x: x @ A.T, euclid), (lambda t, x: x @ B.T, euclid)]
+    euclid = geoopt.Euclidean(ndim=1)
+    terms = (Term(lambda t, x: x @ A.T, euclid), Term(lambda t, x: x @ B.T))  # None: the solve's manifold
     hs = [1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 128]
     for scheme, order in (("lie", 1), ("strang", 2)):
+        solver = Split(RungeKutta(RK4), scheme)
+        assert solver.order == order
         errs = []
         for h in hs:
-            x = x0
-            for n in range(round(1 / h)):
-                x = split_step(solver, terms, n * h, x, h, scheme)
-            errs.append((x - exact).norm().item())
+            sol = integrate(terms, x0, [0.0, 1.0], solver=solver, manifold=euclid, controller=ConstantStepSize(h))
+            assert sol.stats.steps == round(1 / h) and sol.stats.nfe == sol.stats.steps * 4 * (2 if scheme == "lie" else 3)
+            errs.append((sol.ys[-1] - exact).norm().item())
         fitted = np.polyfit(np.log(hs), np.log(errs), 1)[0]
         assert abs(fitted - order) < 0.3, (scheme, fitted)
 
@@ -153,8 +154,9 @@ def test_adjoint_gradients_converge_to_backprop_at_the_solver_order():
         gaps.append((grads[0] - grads[1]).abs().max().item())
     assert gaps[1] <= 1e-6
     assert gaps[0] / gaps[1] > 8  # ~16 for a fourth-order method
+    # Refused when the model is built, in words a model user can act on.
     with pytest.raises(ValueError, match="use splitting='none'"):
-        _lm(gradient="adjoint")
-    relaxed = _lm(norm="sphere", time="continuous", splitting="none", gradient="adjoint")
-    with pytest.raises(ValueError, match="mode='strict'"):
-        relaxed(ids)
+        _lm(norm="sphere", mode="strict", gradient="adjoint")
+    for kw in ({"norm": "post_ln"}, {"norm": "sphere", "splitting": "none"}):
+        with pytest.raises(ValueError, match="mode='strict'.*use gradient='checkpoint'"):
+            _lm(gradient="adjoint", **kw)

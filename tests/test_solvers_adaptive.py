@@ -130,9 +130,25 @@ def test_a_field_that_turns_nan_is_never_accepted(deadline):
     def field(t, x):
         return x * torch.sqrt(1.25 - t)  # NaN once t > 1.25
 
-    with pytest.raises(solvers.StepSizeError, match="at t=") as info:
-        solvers.odeint(field, torch.ones(3, dtype=F64), torch.tensor([0.0, 2.0], dtype=F64), method="dopri5")
+    # Named as a NaN, where it starts, after a few dozen evaluations: not a step-size failure at the cap.
+    stats = solvers.SolveStats()
+    with pytest.raises(solvers.NonFiniteError, match="came back non-finite") as info:
+        solvers.odeint(field, torch.ones(3, dtype=F64), torch.tensor([0.0, 2.0], dtype=F64), method="dopri5",
+                       options={"stats": stats})
     assert failure_time(str(info.value)) == pytest.approx(1.25, abs=1e-3)
+    assert int(re.search(r"NFE (\d+)", str(info.value)).group(1)) < 500
+
+
+def test_a_field_that_is_nan_at_the_start_is_named_at_once():
+    calls = []
+
+    def field(t, x):
+        calls.append(t)
+        return x * float("nan")
+
+    with pytest.raises(solvers.NonFiniteError, match="the field is non-finite at t=0, where the solve"):
+        solvers.odeint(field, torch.ones(3, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64))
+    assert len(calls) == 1
 
 
 def test_nfe_cap_raises_step_size_error():

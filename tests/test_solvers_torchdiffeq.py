@@ -105,6 +105,7 @@ class TangentField(nn.Module):
 
 
 def test_plugin_runs_our_methods_inside_torchdiffeq_on_the_sphere():
+    solvers.register_torchdiffeq()
     sphere = manifolds.Sphere(2.0)
     field = TangentField()
     y0 = sphere.projx(torch.randn(4, dtype=F64))
@@ -120,8 +121,9 @@ def test_plugin_runs_our_methods_inside_torchdiffeq_on_the_sphere():
 
 def test_plugin_leaves_torchdiffeqs_own_methods_alone():
     registry = importlib.import_module("torchdiffeq._impl.odeint").SOLVERS
+    names = solvers.register_torchdiffeq()
     before = dict(registry)
-    names = solvers.register_torchdiffeq()  # idempotent
+    assert solvers.register_torchdiffeq() == names  # idempotent
     assert dict(registry) == before
     assert set(names) == {f"manifold_{m}" for m in solvers.METHODS}
     assert registry["rk4"].__module__.startswith("torchdiffeq")
@@ -138,10 +140,12 @@ def gradients(solve, **kwargs) -> torch.Tensor:
 
 
 def test_plugin_adjoint_gives_the_gradients_of_our_adjoint_and_of_backprop():
+    solvers.register_torchdiffeq()
     sphere = manifolds.Sphere(2.0)
+    # torchdiffeq's backward state is its flat augmented vector: a Euclidean method solves it.
     via_torchdiffeq = gradients(
-        torchdiffeq.odeint_adjoint, method="manifold_rk4",
-        options={"manifold": sphere, "step_size": 0.01}, adjoint_options={"step_size": 0.01},
+        torchdiffeq.odeint_adjoint, method="manifold_rk4", options={"manifold": sphere, "step_size": 0.01},
+        adjoint_method="rk4", adjoint_options={"step_size": 0.01},
     )
     ours = gradients(solvers.odeint_adjoint, method="rk4", manifold=sphere, options={"step_size": 0.01})
     backprop = gradients(solvers.odeint, method="rk4", manifold=sphere, options={"step_size": 0.01})

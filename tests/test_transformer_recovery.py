@@ -54,7 +54,7 @@ def _perturb_charts(model):
 @pytest.mark.parametrize("masked", [False, True])
 def test_euler_on_sphere_is_post_rmsnorm_transformer(dtype, tol, masked):
     torch.manual_seed(0)
-    model = SVFlowLM(50, D, HEADS, LAYERS, FF, max_len=T, norm="post_rms").to(dtype)
+    model = SVFlowLM(50, D, HEADS, LAYERS, FF, max_len=T, norm="post_rms", init="nanogpt").to(dtype)
     _perturb_charts(model)
     x0 = model.blocks[0].terms[0].manifold.base.projx(torch.randn(B, T, D, dtype=dtype))
     mask = torch.ones(B, T, dtype=torch.long)
