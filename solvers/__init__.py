@@ -15,7 +15,7 @@ from . import defaults
 from .base import AdaptiveSolver, Piecewise, Solver, StepResult, Term
 from .checkpointing import checkpointed_steps
 from .controllers import ConstantStepSize, PIController
-from .errors import NonFiniteError, OffManifoldError, SolverError, StepSizeError
+from .errors import BoundaryError, NonFiniteError, OffManifoldError, SolverError, StepSizeError
 from .interface import odeint, odeint_adjoint, register_torchdiffeq
 from .lie_group import RKMK
 from .methods import ADAPTIVE, METHODS, make_controller, make_solver
@@ -30,5 +30,5 @@ __all__ = [
     "ConstantStepSize", "PIController", "RKMK", "RungeKutta", "Split",
     "ADAPTIVE", "METHODS", "make_controller", "make_solver", "odeint", "odeint_adjoint", "register_torchdiffeq",
     "GRADIENT_MODES", "Solution", "SolveStats", "checkpointed_steps", "defaults", "integrate", "SCHEMES",
-    "NonFiniteError", "OffManifoldError", "SolverError", "StepSizeError",
+    "BoundaryError", "NonFiniteError", "OffManifoldError", "SolverError", "StepSizeError",
 ]

@@ -24,7 +24,7 @@ from .runge_kutta import RungeKutta
 __all__ = ["adjoint_solve"]
 
 
-def adjoint_solve(term, plan, y0, ts, solver, controller, check_finite, adjoint_params):
+def adjoint_solve(term, plan, y0, ts, solver, controller, check, adjoint_params):
     """``integrate(..., gradient="adjoint")``: see the module docstring. Returns a ``Solution``."""
     from .solve import Solution, SolveStats, _adaptive, _fixed
 
@@ -52,7 +52,7 @@ def adjoint_solve(term, plan, y0, ts, solver, controller, check_finite, adjoint_
         return lambda t, y: m.proju(y, f(t, y)), m
 
     def forward(y0):
-        return torch.stack(run(tangent, plan, y0, solver, controller, stats, False, check_finite))
+        return torch.stack(run(tangent, plan, y0, solver, controller, stats, False, check))
 
     def backward(ys, grad_ys):
         shapes = [ys.shape[1:]] * 2 + [p.shape for p in params]
@@ -77,7 +77,7 @@ def adjoint_solve(term, plan, y0, ts, solver, controller, check_finite, adjoint_
         backward_plan = [[(b, a_, p) for a_, b, p in reversed(interval)] for interval in reversed(plan)]
         for j, interval in enumerate(backward_plan):
             z = torch.cat([c.reshape(-1) for c in (ys[len(plan) - j], a, *g)])
-            z = run(augmented, [interval], z, backward_solver, controller, SolveStats(), False, check_finite)[-1]
+            z = run(augmented, [interval], z, backward_solver, controller, SolveStats(), False, check)[-1]
             _, a, *g = (c.view(s) for c, s in zip(z.split(sizes), shapes))
             a = a + grad_ys[len(plan) - j - 1]
         return a, g

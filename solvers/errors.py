@@ -2,7 +2,7 @@
 
 import torch
 
-__all__ = ["SolverError", "NonFiniteError", "StepSizeError", "OffManifoldError", "describe"]
+__all__ = ["BoundaryError", "SolverError", "NonFiniteError", "StepSizeError", "OffManifoldError", "describe"]
 
 
 class SolverError(RuntimeError):
@@ -15,6 +15,10 @@ class NonFiniteError(SolverError):
 
 class StepSizeError(SolverError):
     """An adaptive solve hit its step floor or its NFE cap."""
+
+
+class BoundaryError(SolverError):
+    """The state reached a manifold's numerical boundary (the Poincare ball's clip radius)."""
 
 
 class OffManifoldError(ValueError):

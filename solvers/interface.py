@@ -12,7 +12,7 @@ from .solve import integrate
 __all__ = ["odeint", "odeint_adjoint", "register_torchdiffeq"]
 
 # Options of ours beside torchdiffeq's.
-_OURS = ("mode", "gradient", "check_finite", "stats")
+_OURS = ("mode", "gradient", "check_finite", "boundary", "stats")
 # Prefix of our methods inside torchdiffeq, whose own "euler", "rk4", ... stay untouched.
 TORCHDIFFEQ_PREFIX = "manifold_"
 
@@ -33,7 +33,7 @@ def odeint(func, y0, t, *, method=METHOD, manifold=None, rtol=RTOL, atol=ATOL, o
         options: torchdiffeq's ``step_size``, ``first_step``, ``max_num_steps`` and ours:
             ``steps`` (fixed steps per interval), ``dt_min``, ``max_nfe``, ``mode`` ("strict" or
             "relaxed"), ``gradient`` ("backprop", "checkpoint" or "adjoint"), ``check_finite``,
-            ``stats`` (a ``SolveStats`` to fill in). Any other name is refused with this list.
+            ``boundary`` ("raise" or "warn"), ``stats`` (a ``SolveStats`` to fill in). Any other name is refused with this list.
         adjoint_params: with ``gradient="adjoint"``: the tensors to differentiate.
     """
     options = dict(options or {})
@@ -50,6 +50,7 @@ def odeint(func, y0, t, *, method=METHOD, manifold=None, rtol=RTOL, atol=ATOL, o
         controller=make_controller(method, rtol, atol, options),
         gradient=ours.get("gradient", "backprop"),
         check_finite=ours.get("check_finite", True),
+        boundary=ours.get("boundary", "raise"),
         adjoint_params=adjoint_params,
     )
     if ours.get("stats") is not None:

@@ -8,6 +8,7 @@ computes gradients by backprop, two-level checkpointing or the continuous adjoin
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -15,14 +16,17 @@ import geoopt
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from manifolds import at_boundary, check_contract
+
 from .base import Piecewise, Term
 from .checkpointing import checkpointed_steps
 from .controllers import ConstantStepSize, PIController
-from .errors import NonFiniteError, OffManifoldError, StepSizeError, describe
+from .errors import BoundaryError, NonFiniteError, OffManifoldError, StepSizeError, describe
 
-__all__ = ["GRADIENT_MODES", "Solution", "SolveStats", "check_on_manifold", "integrate"]
+__all__ = ["BOUNDARY_ACTIONS", "GRADIENT_MODES", "Solution", "SolveStats", "check_on_manifold", "integrate"]
 
 GRADIENT_MODES = ("backprop", "checkpoint", "adjoint")
+BOUNDARY_ACTIONS = ("raise", "warn")
 
 
 @dataclass
@@ -106,15 +110,37 @@ def check_on_manifold(y0: torch.Tensor, manifold) -> None:
         )
 
 
-def _check_finite(x: torch.Tensor, where: str) -> None:
-    # One sum costs far less per step than an elementwise isfinite (~40x at 256 x 256 on CPU). It
-    # is non-finite whenever an entry is; a false alarm from finite entries overflowing the sum is
-    # cleared by the exact check below. torch.compile traces the solve without it: reading a
-    # value back would break the graph at every step.
-    if torch.compiler.is_compiling() or math.isfinite(x.detach().sum().item()):
-        return
-    if not torch.isfinite(x).all():
-        raise NonFiniteError(f"the state became non-finite {where}: {describe(x)}")
+class _StateCheck:
+    """The checks on the state after every accepted step: finite, and off any numerical boundary.
+
+    torch.compile traces the solve without them: reading a value back would break the graph at
+    every step.
+    """
+
+    def __init__(self, check_finite: bool, boundary: str):
+        if boundary not in BOUNDARY_ACTIONS:
+            raise ValueError(f"unknown boundary action {boundary!r}; expected one of {BOUNDARY_ACTIONS}")
+        self.check_finite, self.boundary, self.warned = check_finite, boundary, False
+
+    def __call__(self, x: torch.Tensor, manifold, where: str) -> None:
+        if torch.compiler.is_compiling():
+            return
+        # One sum costs far less per step than an elementwise isfinite (~40x at 256 x 256 on CPU).
+        # It is non-finite whenever an entry is; a false alarm from finite entries overflowing the
+        # sum is cleared by the exact check.
+        if self.check_finite and not math.isfinite(x.detach().sum().item()) and not torch.isfinite(x).all():
+            raise NonFiniteError(f"the state became non-finite {where}: {describe(x)}")
+        if at_boundary(manifold, x):  # False at once for manifolds without a boundary
+            message = (
+                f"the state reached the numerical boundary of {manifold!r} {where}: its projx pins points "
+                f"there, so the solve would go on from a point the ODE never reached; shorten the horizon "
+                f"or slow the field, or pass boundary='warn' to go on"
+            )
+            if self.boundary == "raise":
+                raise BoundaryError(message)
+            if not self.warned:  # once per solve, not once per step
+                warnings.warn(message, RuntimeWarning, stacklevel=4)
+                self.warned = True
 
 
 def _plan(ts: list[float], pieces: Piecewise) -> list[list[tuple[float, float, int]]]:
@@ -144,6 +170,7 @@ def integrate(
     controller: ConstantStepSize | PIController | None = None,
     gradient: str = "backprop",
     check_finite: bool = True,
+    boundary: str = "raise",
     adjoint_params=None,
 ) -> Solution:
     """Integrate ``dy/dt = f(t, y)`` on a manifold from ``y0`` at ``t[0]`` to each ``t[i]``.
@@ -164,6 +191,9 @@ def integrate(
             adjoint: memory flat in the steps; strict Runge-Kutta solvers only).
         check_finite: check the state after every step and raise ``NonFiniteError`` naming the
             step and time (one reduction per step).
+        boundary: what to do when the state reaches a manifold's numerical boundary (the clip
+            radius of geoopt's Poincare ball, where projx pins it): "raise" ``BoundaryError``
+            naming the step and time, or "warn" once and go on.
         adjoint_params: with ``gradient="adjoint"``, the tensors to differentiate (default: the
             parameters of the field when it is an ``nn.Module``).
 
@@ -193,25 +223,28 @@ def integrate(
         field_, m = pieces.piece(i)
         return field_, (default if m is None else m)
 
+    check = _StateCheck(check_finite, boundary)
     if not torch.compiler.is_compiling():  # data-dependent checks would break the traced graph
         if not torch.isfinite(y0).all():
             raise ValueError("y0 contains NaN or infinite entries")
+        first = term(plan[0][0][2] if plan else 0)[1]
         if solver.strict:
-            check_on_manifold(y0, term(plan[0][0][2] if plan else 0)[1])
+            check_on_manifold(y0, first)
+        check_contract(first, y0, strict=solver.strict)
 
     if gradient == "adjoint":
         from .adjoint import adjoint_solve  # the adjoint's solves come back here: import on use
 
-        return adjoint_solve(term, plan, y0, ts, solver, controller, check_finite, adjoint_params)
+        return adjoint_solve(term, plan, y0, ts, solver, controller, check, adjoint_params)
     # Without gradients there is nothing to recompute: checkpointing would only cost.
     recompute = gradient == "checkpoint" and torch.is_grad_enabled()
     stats = SolveStats()
     run = _adaptive if adaptive else _fixed
-    ys = run(term, plan, y0, solver, controller, stats, recompute, check_finite)
+    ys = run(term, plan, y0, solver, controller, stats, recompute, check)
     return Solution(torch.tensor(ts, dtype=y0.dtype, device=y0.device), torch.stack(ys), stats)
 
 
-def _fixed(term, plan, x, solver, controller: ConstantStepSize, stats, recompute, check_finite):
+def _fixed(term, plan, x, solver, controller: ConstantStepSize, stats, recompute, check):
     counts = [[controller.grid(a, b) for a, b, _ in interval] for interval in plan]
     total = sum(map(sum, counts))
     if total > controller.max_steps:
@@ -229,8 +262,7 @@ def _fixed(term, plan, x, solver, controller: ConstantStepSize, stats, recompute
             f, m = term(p)
             count = _Counter()
             x = solver.step(count.wrap(f), t0, x, h, m).y
-            if check_finite:
-                _check_finite(x, f"at step {done + i + 1} (t={t0 + h:.6g}, h={h:.3g})")
+            check(x, m, f"at step {done + i + 1} (t={t0 + h:.6g}, h={h:.3g})")
             return x, count.n
 
         if recompute:
@@ -246,7 +278,7 @@ def _fixed(term, plan, x, solver, controller: ConstantStepSize, stats, recompute
     return ys
 
 
-def _adaptive(term, plan, x, solver, ctrl: PIController, stats, recompute, check_finite):
+def _adaptive(term, plan, x, solver, ctrl: PIController, stats, recompute, check):
     def attempt(f, t, x, h, m, k):
         count = _Counter()
         y, error, k_last = solver.step(count.wrap(f), t, x, h, m, k)
@@ -290,8 +322,7 @@ def _adaptive(term, plan, x, solver, ctrl: PIController, stats, recompute, check
                     t = b if last else t + h_try
                     x, k = x_new, k_new
                     stats.steps += 1
-                    if check_finite:
-                        _check_finite(x, f"at step {stats.steps} (t={t:.6g}, h={h_try:.3g})")
+                    check(x, m, f"at step {stats.steps} (t={t:.6g}, h={h_try:.3g})")
                     # A step shortened to land on b says little about the step size to use next.
                     h = max(h_next, h, key=abs) if last else h_next
                 else:

@@ -121,3 +121,38 @@ def test_other_misuse_is_refused_with_a_reason():
         solvers.ConstantStepSize(step_size=0.1, steps=3)
     with pytest.raises(ValueError, match="y0 must be a floating-point tensor"):
         solvers.odeint(Field(), torch.ones(3, dtype=torch.int64), T01)
+
+
+def test_a_state_pinned_at_the_poincare_boundary_is_named_or_warned_about():
+    import geoopt
+
+    ball = geoopt.PoincareBall()
+    y0 = ball.projx(torch.full((2,), 0.3, dtype=F64))
+    outward = lambda t, x: 5.0 * x  # noqa: E731  (drives every point towards the clip radius)
+    with pytest.raises(solvers.BoundaryError, match=r"numerical boundary of PoincareBall.* at step \d+ \(t="):
+        solvers.odeint(outward, y0, T01, method="rk4", manifold=ball, options={"step_size": 0.01})
+    with pytest.warns(RuntimeWarning, match="numerical boundary"):
+        ys = solvers.odeint(outward, y0, T01, method="rk4", manifold=ball,
+                            options={"step_size": 0.01, "boundary": "warn"})
+    assert torch.isfinite(ys).all()
+    # A field that stays inside never trips it.
+    solvers.odeint(lambda t, x: -x, y0, T01, method="dopri5", manifold=ball)
+
+
+def test_a_manifold_that_breaks_the_solver_contract_is_refused_before_any_work():
+    import geoopt
+
+    canonical = geoopt.Stiefel()  # its proju is not idempotent: strict mode would solve another ODE
+    x0 = canonical.projx(torch.randn(4, 2, dtype=F64))
+    calls = []
+
+    def field(t, x):
+        calls.append(t)
+        return x
+
+    with pytest.raises(manifolds.ManifoldContractError, match="proju is not idempotent.*use manifolds.Stiefel"):
+        solvers.odeint(field, x0, T01, method="rk4", manifold=canonical)
+    assert not calls
+    ours = manifolds.Stiefel()
+    ys = solvers.odeint(field, x0, T01, method="rk4", manifold=ours, options={"steps": 4})
+    assert ours.check_point_on_manifold(ys[-1], atol=1e-10)
