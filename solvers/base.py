@@ -25,11 +25,14 @@ class StepResult(NamedTuple):
             solvers), or None.
         k_last: the field value at the new state, to be passed back as ``k_first`` (FSAL
             solvers), or None.
+        interpolant: dense output, ``s -> `` the ambient point at ``t + s h`` for ``s`` in
+            ``[0, 1]`` (the loop projects it onto the manifold), or None.
     """
 
     y: torch.Tensor
     error: torch.Tensor | None = None
     k_last: torch.Tensor | None = None
+    interpolant: Callable[[float], torch.Tensor] | None = None
 
 
 class Term(NamedTuple):

@@ -9,7 +9,7 @@ import torch
 from .base import StepResult
 from .tableau import ButcherTableau
 
-__all__ = ["RungeKutta", "combine"]
+__all__ = ["RungeKutta", "combine", "interpolant"]
 
 MODES = ("strict", "relaxed")
 
@@ -24,6 +24,25 @@ def combine(x: torch.Tensor | None, ks: list, weights, h: float) -> torch.Tensor
             else:
                 out = torch.add(out, k, alpha=h * w)
     return torch.zeros_like(ks[0]) if out is None else out
+
+
+def interpolant(x, x1, k0, k1, h: float, x_mid=None) -> Callable[[float], torch.Tensor]:
+    """The polynomial ``p(s)``, ``s`` in ``[0, 1]``, through ``x`` and ``x1`` with slopes ``h k0``
+    and ``h k1``: cubic Hermite, or quartic through ``x_mid`` at ``s = 1/2`` when given (error
+    ``O(h^5)`` with dopri5's continuous extension)."""
+    d = h * k0
+    r1, r2 = x1 - x - d, h * k1 - d
+    if x_mid is None:
+        c, b, a = 3 * r1 - r2, r2 - 2 * r1, None
+    else:  # p(1) = x1, p'(1) = h k1, p(1/2) = x_mid: the inverse of [[1,1,1],[2,3,4],[1/4,1/8,1/16]]
+        r3 = x_mid - x - d / 2
+        c, b, a = -5 * r1 + r2 + 16 * r3, 14 * r1 - 3 * r2 - 32 * r3, -8 * r1 + 2 * r2 + 16 * r3
+
+    def p(s: float) -> torch.Tensor:
+        top = b if a is None else b + s * a
+        return x + s * (d + s * (c + s * top))
+
+    return p
 
 
 class RungeKutta:
@@ -43,7 +62,8 @@ class RungeKutta:
             more accurate integrator.
 
     With an embedded tableau the step also returns a local error estimate ``h sum (b - b_low) k``
-    projected onto the tangent space at ``x``.
+    projected onto the tangent space at ``x``; an FSAL tableau also returns dense output, the
+    ambient ``interpolant`` between the step's ends (quartic where the tableau has ``b_mid``).
 
     Args:
         tableau: the Butcher tableau.
@@ -106,7 +126,9 @@ class RungeKutta:
             ks.append(self.field_value(f, ti, combine(x, ks, tab.a[i], h), manifold))
         if x_new is None:
             x_new = manifold.retr(x, combine(None, ks, tab.b, h))
-        error = None
-        if tab.b_low is not None:
-            error = manifold.proju(x, combine(None, ks, tab.b_err, h))
-        return StepResult(x_new, error, ks[-1] if tab.fsal else None)
+        error = None if tab.b_low is None else manifold.proju(x, combine(None, ks, tab.b_err, h))
+        dense = None
+        if tab.fsal and tab.b_low is not None:  # both ends' field values known: dense output is free
+            x_mid = None if tab.b_mid is None else combine(x, ks, tab.b_mid, h)
+            dense = interpolant(x, combine(x, ks, tab.b, h), ks[0], ks[-1], h, x_mid)
+        return StepResult(x_new, error, ks[-1] if tab.fsal else None, dense)

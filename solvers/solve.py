@@ -279,64 +279,80 @@ def _fixed(term, plan, x, solver, controller: ConstantStepSize, stats, recompute
 
 
 def _adaptive(term, plan, x, solver, ctrl: PIController, stats, recompute, check):
+    """Steps chosen by the controller. They restart at breaks and land on the last output time;
+    the output times between are read off each accepted step's dense output (projected onto the
+    manifold), or landed on when the solver has none."""
+    outputs = [interval[-1][1] for interval in plan]  # the times after t[0]
+    segments = []  # the knot intervals, merged where the field stays the same: (a, b, piece)
+    for a, b, p in (k for interval in plan for k in interval):
+        if segments and segments[-1][2] == p:
+            a = segments.pop()[0]
+        segments.append((a, b, p))
+
     def attempt(f, t, x, h, m, k):
         count = _Counter()
-        y, error, k_last = solver.step(count.wrap(f), t, x, h, m, k)
-        return y, error, k_last, count.n
+        return (*solver.step(count.wrap(f), t, x, h, m, k), count.n)
 
-    def evaluate(fn, *args):
+    def evaluate(fn):
         count = _Counter()
-        out = fn(count, *args)
+        out = fn(count)
         stats.nfe += count.n
         return out
 
     step = (lambda *a: checkpoint(attempt, *a, use_reentrant=False)) if recompute else attempt
-    ys, piece, h, prev_error = [x], None, None, 1.0
-    for interval in plan:
-        for a, b, p in interval:
-            direction = 1.0 if b > a else -1.0
-            t = a
-            if p != piece:  # a new field: start afresh from its value here
-                piece, (f, m) = p, term(p)
-                k = evaluate(lambda c: solver.field_value(c.wrap(f), torch.tensor(t, dtype=x.dtype), x, m))
-                if not torch.isfinite(k).all():
-                    raise NonFiniteError(f"the field is non-finite at t={t:.6g}, where the solve (re)starts: {describe(k)}")
-                if h is None:
-                    h = evaluate(lambda c: ctrl.initial_step(c.wrap(f), t, x, k, solver.order, m, direction))
-                k = k if solver.fsal else None
-            h = direction * min(abs(h), abs(b - a))
-            while (b - t) * direction > 0:
-                if stats.nfe >= ctrl.max_nfe or stats.steps >= ctrl.max_steps:
-                    cap = f"NFE cap {ctrl.max_nfe}" if stats.nfe >= ctrl.max_nfe else f"step cap {ctrl.max_steps}"
-                    raise StepSizeError(
-                        f"{cap} reached at t={t:.6g} with step size {h:.3g} after {stats.steps} accepted and "
-                        f"{stats.rejected} rejected steps"
+    ys, piece, h, prev_error, dense_ok, j = [x], None, None, 1.0, True, 0
+    for a, b, p in segments:
+        direction = 1.0 if b > a else -1.0
+        t = a
+        if p != piece:  # a new field: start afresh from its value here
+            piece, (f, m) = p, term(p)
+            k = evaluate(lambda c: solver.field_value(c.wrap(f), torch.tensor(t, dtype=x.dtype), x, m))
+            if not torch.isfinite(k).all():
+                raise NonFiniteError(f"the field is non-finite at t={t:.6g}, where the solve (re)starts: {describe(k)}")
+            if h is None:
+                h = evaluate(lambda c: ctrl.initial_step(c.wrap(f), t, x, k, solver.order, m, direction))
+            k = k if solver.fsal else None
+        while (b - t) * direction > 0:
+            if stats.nfe >= ctrl.max_nfe or stats.steps >= ctrl.max_steps:
+                cap = f"NFE cap {ctrl.max_nfe}" if stats.nfe >= ctrl.max_nfe else f"step cap {ctrl.max_steps}"
+                raise StepSizeError(
+                    f"{cap} reached at t={t:.6g} with step size {h:.3g} after {stats.steps} accepted and "
+                    f"{stats.rejected} rejected steps"
+                )
+            # Land on the segment's end, and on output times too when the solver has no dense output.
+            target = b if dense_ok or (outputs[j] - b) * direction >= 0 else outputs[j]
+            last = (target - (t + h)) * direction <= 0
+            h_try = target - t if last else h
+            x_new, error, k_new, dense, n = step(f, t, x, h_try, m, k)
+            stats.nfe += n
+            error_norm = ctrl.error_norm(error, x, x_new)
+            accept, h_next, prev_error = ctrl.decide(error_norm, prev_error, h_try, solver.error_order)
+            t_new = target if last else t + h_try
+            if accept and dense is None and j < len(outputs) and (outputs[j] - t_new) * direction < 0:
+                dense_ok, accept = False, False  # no dense output: redo the step, landing on outputs
+            if accept:
+                while j < len(outputs) and (outputs[j] - t_new) * direction < 0:
+                    ys.append(m.projx(dense((outputs[j] - t) / h_try)))  # inside the step
+                    j += 1
+                if j < len(outputs) and outputs[j] == t_new:
+                    ys.append(x_new)
+                    j += 1
+                t, x, k = t_new, x_new, k_new
+                stats.steps += 1
+                check(x, m, f"at step {stats.steps} (t={t:.6g}, h={h_try:.3g})")
+                # A step shortened to land on a knot says little about the step size to use next.
+                h = max(h_next, h, key=abs) if last else h_next
+            else:
+                stats.rejected += 1
+                h = h_next
+            if abs(h) < ctrl.dt_min:
+                if not math.isfinite(error_norm):
+                    raise NonFiniteError(
+                        f"every trial step at t={t:.6g} came back non-finite, down to step size "
+                        f"{abs(h_try):.3g} (NFE {stats.nfe}): the field returns NaN or inf next to this state"
                     )
-                last = (b - (t + h)) * direction <= 0
-                h_try = b - t if last else h
-                x_new, error, k_new, n = step(f, t, x, h_try, m, k)
-                stats.nfe += n
-                error_norm = ctrl.error_norm(error, x, x_new)
-                accept, h_next, prev_error = ctrl.decide(error_norm, prev_error, h_try, solver.error_order)
-                if accept:
-                    t = b if last else t + h_try
-                    x, k = x_new, k_new
-                    stats.steps += 1
-                    check(x, m, f"at step {stats.steps} (t={t:.6g}, h={h_try:.3g})")
-                    # A step shortened to land on b says little about the step size to use next.
-                    h = max(h_next, h, key=abs) if last else h_next
-                else:
-                    stats.rejected += 1
-                    h = h_next
-                if abs(h) < ctrl.dt_min:
-                    if not math.isfinite(error_norm):
-                        raise NonFiniteError(
-                            f"every trial step at t={t:.6g} came back non-finite, down to step size "
-                            f"{abs(h_try):.3g} (NFE {stats.nfe}): the field returns NaN or inf next to this state"
-                        )
-                    raise StepSizeError(
-                        f"step size {abs(h):.3g} fell below dt_min={ctrl.dt_min:g} at t={t:.6g} "
-                        f"(scaled error {error_norm:.3g}, NFE {stats.nfe}): the field may blow up here"
-                    )
-        ys.append(x)
+                raise StepSizeError(
+                    f"step size {abs(h):.3g} fell below dt_min={ctrl.dt_min:g} at t={t:.6g} "
+                    f"(scaled error {error_norm:.3g}, NFE {stats.nfe}): the field may blow up here"
+                )
     return ys

@@ -20,6 +20,8 @@ class ButcherTableau:
         b: solution weights, length ``s``.
         b_low: weights of the embedded lower-order solution (adaptive methods), or None.
         fsal: the last stage is the field at the step's end (first-same-as-last).
+        b_mid: weights of the continuous extension at the step's midpoint (dense output: with
+            the two ends and their field values it fixes a quartic interpolant), or None.
     """
 
     name: str
@@ -29,6 +31,7 @@ class ButcherTableau:
     b: tuple
     b_low: tuple | None = None
     fsal: bool = False
+    b_mid: tuple | None = None
 
     def __post_init__(self):
         s = len(self.b)
@@ -39,9 +42,9 @@ class ButcherTableau:
                 raise ValueError(f"{self.name}: row {i} of a must have {i} entries (explicit method)")
             if abs(sum(row) - self.c[i]) > 1e-14:
                 raise ValueError(f"{self.name}: row {i} of a must sum to c[{i}]")
-        for name, weights in (("b", self.b), ("b_low", self.b_low)):
-            if weights is not None and (len(weights) != s or abs(sum(weights) - 1) > 1e-14):
-                raise ValueError(f"{self.name}: {name} must have {s} entries summing to 1")
+        for name, weights, total in (("b", self.b, 1), ("b_low", self.b_low, 1), ("b_mid", self.b_mid, 0.5)):
+            if weights is not None and (len(weights) != s or abs(sum(weights) - total) > 1e-14):
+                raise ValueError(f"{self.name}: {name} must have {s} entries summing to {total}")
         if self.fsal and (self.c[-1] != 1 or tuple(self.a[-1]) + (0.0,) != tuple(self.b)):
             raise ValueError(f"{self.name}: FSAL needs c[-1] = 1, a[-1] = b and b[-1] = 0")
 
@@ -104,4 +107,9 @@ DOPRI5 = ButcherTableau(
     b=_f("35/384", 0, "500/1113", "125/192", "-2187/6784", "11/84", 0),
     b_low=_f("5179/57600", 0, "7571/16695", "393/640", "-92097/339200", "187/2100", "1/40"),
     fsal=True,
+    # Shampine's continuous extension at theta = 1/2 (Hairer, Norsett & Wanner I, II.6).
+    b_mid=tuple(float(Fr(x) / 2) for x in (
+        "6025192743/30085553152", 0, "51252292925/65400821598", "-2691868925/45128329728",
+        "187940372067/1594534317056", "-1776094331/19743644256", "11237099/235043384",
+    )),
 )
