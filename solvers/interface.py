@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import geoopt
 import torch
 
 from .compat import torchdiffeq_solvers
@@ -24,7 +25,9 @@ def odeint(func, y0, t, *, method=METHOD, manifold=None, rtol=RTOL, atol=ATOL, o
 
     Args:
         func: the field ``func(t, y)``.
-        y0: initial state on ``manifold``.
+        y0: initial state on ``manifold``; or a tuple of tensors, as torchdiffeq takes it, with
+            ``manifold`` a tuple of one manifold (or None) per part: solved on their product and
+            returned as a tuple of ``(len(t), *part.shape)`` tensors.
         t: output times (strictly monotone).
         method: one of ``METHODS``: euler, midpoint, heun, rk4, rkmk2, rkmk4 (fixed step) and
             bosh3, dopri5 (adaptive).
@@ -40,6 +43,8 @@ def odeint(func, y0, t, *, method=METHOD, manifold=None, rtol=RTOL, atol=ATOL, o
     unknown = sorted(set(options) - set(OPTIONS) - set(_OURS))
     if unknown:
         raise ValueError(f"unknown options {unknown}; accepted: {', '.join([*OPTIONS, *_OURS])}")
+    if isinstance(y0, (tuple, list)):
+        return _tuple_odeint(func, tuple(y0), t, method, manifold, rtol, atol, options, adjoint_params)
     ours = {k: options.pop(k) for k in _OURS if k in options}
     solution = integrate(
         func,
@@ -56,6 +61,32 @@ def odeint(func, y0, t, *, method=METHOD, manifold=None, rtol=RTOL, atol=ATOL, o
     if ours.get("stats") is not None:
         vars(ours["stats"]).update(vars(solution.stats))
     return solution.ys
+
+
+def _tuple_odeint(func, y0: tuple, t, method, manifold, rtol, atol, options, adjoint_params):
+    """A tuple state, as torchdiffeq takes it: solved as one flat state on the product of each
+    part's manifold (``manifold`` a tuple of them, one for all, or None for Euclidean parts)."""
+    if not y0 or not all(isinstance(y, torch.Tensor) and y.is_floating_point() for y in y0):
+        raise ValueError("a tuple y0 must hold floating-point tensors")
+    parts = manifold if isinstance(manifold, (tuple, list)) else (manifold,) * len(y0)
+    if len(parts) != len(y0):
+        raise ValueError(f"y0 has {len(y0)} parts but manifold has {len(parts)}: give one per part")
+    shapes = [y.shape for y in y0]
+    product = geoopt.ProductManifold(*((geoopt.Euclidean() if m is None else m, s) for m, s in zip(parts, shapes)))
+    flat = torch.cat([y.reshape(-1) for y in y0])
+
+    def unflatten(x):
+        return tuple(product.take_submanifold_value(x, i) for i in range(len(shapes)))
+
+    def field(t, x):
+        out = func(t, unflatten(x))
+        if not isinstance(out, (tuple, list)) or len(out) != len(shapes):
+            raise ValueError(f"the field must return a tuple of {len(shapes)} tensors shaped like y0's parts")
+        return torch.cat([o.reshape(-1) for o in out])
+
+    ys = odeint(field, flat, t, method=method, manifold=product, rtol=rtol, atol=atol, options=options,
+                adjoint_params=adjoint_params)
+    return tuple(torch.stack(parts) for parts in zip(*(unflatten(y) for y in ys)))
 
 
 def odeint_adjoint(func, y0, t, *, method=METHOD, manifold=None, rtol=RTOL, atol=ATOL, options=None,

@@ -154,3 +154,45 @@ def test_plugin_adjoint_gives_the_gradients_of_our_adjoint_and_of_backprop():
     # changes it only at the stages' off-sphere points.
     torch.testing.assert_close(via_torchdiffeq, ours, rtol=0, atol=1e-7)
     torch.testing.assert_close(via_torchdiffeq, backprop, rtol=0, atol=1e-7)
+
+
+def test_tuple_states_match_torchdiffeq_and_keep_each_part_on_its_manifold():
+    torch.manual_seed(2)
+    a = torch.randn(3, 3, dtype=F64)
+    a = a - a.T
+    x0, z0 = torch.randn(4, 3, dtype=F64), torch.zeros(4, 1, dtype=F64)
+
+    def field(t, y):
+        x, z = y
+        return x @ a.T + 0.1 * torch.tanh(x), (x * x).sum(-1, keepdim=True)
+
+    t = torch.linspace(0, 1, 6, dtype=F64)
+    ours = solvers.odeint(field, (x0, z0), t, method="rk4", options={"step_size": 0.05})
+    theirs = torchdiffeq.odeint(field, (x0, z0), t, method="rk4", options={"step_size": 0.05})
+    assert [o.shape for o in ours] == [(6, 4, 3), (6, 4, 1)]
+    for o, th in zip(ours, theirs):  # their rk4 is the 3/8 rule: equal up to fourth-order error
+        torch.testing.assert_close(o, th, rtol=0, atol=1e-5)
+    sphere = manifolds.Sphere(1.0)
+    on = solvers.odeint(field, (sphere.projx(x0), z0), t, manifold=(sphere, None))
+    assert (on[0].norm(dim=-1) - 1).abs().max() < 1e-12
+    with pytest.raises(ValueError, match="y0 has 2 parts but manifold has 3"):
+        solvers.odeint(field, (x0, z0), t, manifold=(sphere, None, None))
+
+
+def test_torchdiffeq_option_names_work_or_are_refused_with_the_list():
+    y0 = torch.ones(3, dtype=F64)
+    field = lambda t, y: -y  # noqa: E731
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    stats = solvers.SolveStats()
+    solvers.odeint(field, y0, t, options={"first_step": 0.01, "max_num_steps": 1000, "stats": stats})
+    assert stats.steps > 0
+    for name in ("perturb", "grid_points"):
+        with pytest.raises(ValueError, match=rf"unknown options \['{name}'\]; accepted: step_size, steps"):
+            solvers.odeint(field, y0, t, options={name: True})
+    with pytest.raises(ValueError, match="the first step must be a positive finite size"):
+        solvers.odeint(field, y0, t, options={"first_step": -0.1})
+    with pytest.raises(ValueError, match="would take [0-9,]{9} steps, more than max_steps=100,000"):
+        solvers.odeint(field, y0, t, method="rk4", options={"step_size": 1e-7})
+    solvers.register_torchdiffeq()
+    with pytest.raises(ValueError, match="needs options=\\{'manifold': M"):
+        torchdiffeq.odeint(field, y0, t, method="manifold_rk4")
