@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -143,6 +144,20 @@ class _StateCheck:
                 self.warned = True
 
 
+_EUCLIDEAN = geoopt.Euclidean()
+# The manifolds whose contract has been checked, with the (dtype, strict) it was checked for: a
+# model solves on the same manifolds at every forward pass, and the contract does not change.
+_CONTRACTS = weakref.WeakKeyDictionary()
+
+
+def _check_contract_once(manifold, y0: torch.Tensor, strict: bool) -> None:
+    key = (y0.dtype, strict)
+    checked = _CONTRACTS.setdefault(manifold, set())
+    if key not in checked:
+        check_contract(manifold, y0, strict=strict)
+        checked.add(key)
+
+
 def _plan(ts: list[float], pieces: Piecewise) -> list[list[tuple[float, float, int]]]:
     """Per output interval, the intervals between knots (output times and breaks): ``(a, b, piece)``."""
     lo, hi = min(ts), max(ts)
@@ -217,7 +232,7 @@ def integrate(
         ends = (min(ts), max(ts)) if len(ts) > 1 else (ts[0], ts[0] + 1.0)
         pieces = Piecewise(ends, lambda i: Term(f, manifold))
     plan = _plan(ts, pieces)
-    default = geoopt.Euclidean() if manifold is None else manifold
+    default = _EUCLIDEAN if manifold is None else manifold
 
     def term(i: int):
         field_, m = pieces.piece(i)
@@ -225,12 +240,13 @@ def integrate(
 
     check = _StateCheck(check_finite, boundary)
     if not torch.compiler.is_compiling():  # data-dependent checks would break the traced graph
-        if not torch.isfinite(y0).all():
+        # The sum first: far cheaper than an elementwise check, and non-finite whenever an entry is.
+        if not math.isfinite(y0.detach().sum().item()) and not torch.isfinite(y0).all():
             raise ValueError("y0 contains NaN or infinite entries")
         first = term(plan[0][0][2] if plan else 0)[1]
         if solver.strict:
             check_on_manifold(y0, first)
-        check_contract(first, y0, strict=solver.strict)
+        _check_contract_once(first, y0, solver.strict)
 
     if gradient == "adjoint":
         from .adjoint import adjoint_solve  # the adjoint's solves come back here: import on use
