@@ -204,8 +204,8 @@ def integrate(
             pass: fixed steps keep about ``2 sqrt(n)`` states for ``n`` steps, see
             ``checkpointed_steps``; adaptive steps keep one per step) or "adjoint" (the continuous
             adjoint: memory flat in the steps; strict Runge-Kutta solvers only).
-        check_finite: check the state after every step and raise ``NonFiniteError`` naming the
-            step and time (one reduction per step).
+        check_finite: check y0 and the state after every step and raise ``NonFiniteError``
+            naming the step and time (one reduction per step).
         boundary: what to do when the state reaches a manifold's numerical boundary (the clip
             radius of geoopt's Poincare ball, where projx pins it): "raise" ``BoundaryError``
             naming the step and time, or "warn" once and go on.
@@ -241,8 +241,8 @@ def integrate(
     check = _StateCheck(check_finite, boundary)
     if not torch.compiler.is_compiling():  # data-dependent checks would break the traced graph
         # The sum first: far cheaper than an elementwise check, and non-finite whenever an entry is.
-        if not math.isfinite(y0.detach().sum().item()) and not torch.isfinite(y0).all():
-            raise ValueError("y0 contains NaN or infinite entries")
+        if check_finite and not math.isfinite(y0.detach().sum().item()) and not torch.isfinite(y0).all():
+            raise NonFiniteError(f"y0 contains NaN or infinite entries: {describe(y0)}")
         first = term(plan[0][0][2] if plan else 0)[1]
         if solver.strict:
             check_on_manifold(y0, first)

@@ -93,6 +93,8 @@ class SVFlow(nn.Module):
             "adjoint" (continuous adjoint, ``solvers.odeint_adjoint``: memory flat in the steps;
             strict mode or Euclidean state, ``splitting="none"``; its gradient is the exact
             flow's, which differs from the discrete one by the solver's error).
+        check_finite: raise ``solvers.NonFiniteError`` naming the step and time when the state
+            turns non-finite (one reduction per step; skipped under ``torch.compile``).
         rtol, atol: tolerances of adaptive methods.
         max_nfe: adaptive methods stop with ``StepSizeError`` past this many field evaluations.
         final_norm: applied to the last state (pre-norm models), or None.
@@ -111,6 +113,7 @@ class SVFlow(nn.Module):
         mode: str = "relaxed",
         splitting: str = "lie",
         gradient: str = "backprop",
+        check_finite: bool = True,
         rtol: float = RTOL,
         atol: float = ATOL,
         max_nfe: int = MAX_NFE,
@@ -135,6 +138,7 @@ class SVFlow(nn.Module):
         self.embed = embed
         self.blocks = nn.ModuleList(blocks)
         self.time, self.mode, self.splitting, self.gradient = time, mode, splitting, gradient
+        self.check_finite = check_finite
         charts = any(isinstance(term.manifold, AffineChart) for block in blocks for term in block.terms)
         if charts and mode == "strict":
             raise ValueError(
@@ -249,6 +253,7 @@ class SVFlow(nn.Module):
             times = [n * T / steps for n in range(steps + 1)]
         solution = integrate(
             field, x, times, solver=solver, controller=controller, gradient=self.gradient,
+            check_finite=self.check_finite,
             adjoint_params=tuple(self.blocks.parameters()) if self.gradient == "adjoint" else None,
         )
         return list(solution.ys.unbind(0)), solution.stats

@@ -1,6 +1,7 @@
 """Shared test setup: a fixed seed per test, and a deadline that turns a hang into a failure."""
 
 import signal
+import sys
 
 import pytest
 import torch
@@ -19,6 +20,18 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+@pytest.fixture
+def cli_in_tmp(monkeypatch, tmp_path):
+    """For tests that run the CLI in-process: explicit args only (pytest's are not for it), writing
+    under tmp_path, on one thread, as the CLI's subprocesses run: the same arithmetic, bit for bit."""
+    monkeypatch.setattr(sys, "argv", ["svflow-ode"])
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

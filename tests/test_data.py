@@ -70,6 +70,20 @@ def test_unusable_text_files_are_refused_with_the_reason(tmp_path, content, mess
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize("make, message", [
+    (lambda path: CharDataModule(path, block_size=0), "need block_size >= 1 and 0 < train_fraction < 1, got 0, 0.9"),
+    (lambda path: CharDataModule(path, train_fraction=float("nan")), "0 < train_fraction < 1, got 64, nan"),
+    (lambda path: DyckDataModule(block_size=0), "block_size >= 1, got 3, 8, 0.5, 0"),
+    (lambda path: CharDataModule(path, seed=-1), "seed must be >= 0, got -1"),
+    (lambda path: AssociativeRecallDataModule(seed=-1), "seed must be >= 0, got -1"),
+])
+def test_settings_that_would_fail_mid_run_are_refused_when_built(text_file, make, message):
+    # Each used to be accepted and fail at the first batch (an empty window; a negative seed).
+    with pytest.raises(ValueError) as info:
+        make(str(text_file))
+    assert message in str(info.value)
+
+
 def test_validation_is_fixed_and_training_is_step_seeded(text_file):
     dm = CharDataModule(str(text_file), block_size=8, val_size=16)
     assert torch.equal(dm.val_set().tensors[0], dm.val_set().tensors[0])

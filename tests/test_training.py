@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from svflow_ode.lm import SVFlowLM
-from svflow_ode.training import LitSVFlow
+from svflow_ode.training import LitSVFlow, LMDataModule
 from svflow_ode.training.cli import run
 from svflow_ode.training.sample import sample
 
@@ -38,6 +39,14 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class UncheckedData(LMDataModule):
+    """A data module that divides by its argument unchecked (for the CLI's last line of defence)."""
+
+    def __init__(self, divisor: int = 0):
+        super().__init__(batch_size=8, seed=0, val_size=8, test_size=8)
+        self.vocab_size, self.block_size = 8, 16 // divisor
 
 
 def csv_logger(save_dir, name="run"):
@@ -98,6 +107,20 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert factors[20] == factors[29] == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"lr": math.nan}, "need finite values, got lr=nan"),
+    ({"weight_decay": math.inf}, "need finite values, got weight_decay=inf"),
+    ({"consistency_beta": math.nan}, "need finite values, got consistency_beta=nan"),
+    ({"betas": (0.9, math.nan)}, "need finite values, got beta2=nan"),
+    ({"lr": 0.0, "min_lr": 0.0}, "need 0 <= min_lr <= lr and lr > 0"),
+])
+def test_optimizer_settings_that_every_comparison_lets_through_are_refused(settings, message):
+    # NaN compares false with everything: each used to be accepted, and to show only as a NaN loss
+    # (lr = 0: a division by zero in the schedule).
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LitSVFlow(torch.nn.Linear(1, 1), **settings)
+
+
 @pytest.mark.parametrize("init", ["nanogpt", "fan_in"])
 def test_init_scales_linear_weights_by_fan_in_and_keeps_embeddings(init):
     model = SVFlowLM(vocab_size=100, d_model=64, n_heads=4, n_layers=2, max_len=8, init=init)
@@ -133,6 +156,18 @@ def test_wandb_runs_offline_without_network(tmp_path, monkeypatch):
         ("--model.model.init_args.steps=-2", "steps must be a positive integer"),
         ("--model.model.init_args.steps=3", "must be a multiple of the number of blocks (2)"),
         ("--data=CharDataModule --data.path=/no/such/corpus.txt", "data file not found: /no/such/corpus.txt"),
+        ("--trainer.max_steps=0", "trainer.max_steps=0 trains nothing: give a positive number of optimizer steps"),
+        ("--trainer.max_steps=-1", "trainer.max_steps=-1 (no limit) leaves the learning-rate schedule without a "
+                                   "length: give a positive trainer.max_steps, or model.max_steps"),
+        (f"--config={Path(BASE).with_name('dyck.yaml')} --data.block_size=0", "block_size >= 1, got 3, 8, 0.5, 0"),
+        ("--trainer.val_check_interval=0", "trainer.val_check_interval must be a positive number of steps"),
+        ("--trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be >= 1, got 0"),
+        ("--data.seed=-1", "seed must be >= 0, got -1"),
+        ("--model.betas=[0.9,1.5]", "need two betas in [0, 1) and weight_decay >= 0, got betas=(0.9, 1.5)"),
+        ("--model.model.init_args.n_heads=0", "n_heads must be a positive integer, got 0"),
+        # A value that a class does not check itself, failing deeper: still one line, naming where.
+        ("--data=test_training.UncheckedData", "ZeroDivisionError: integer division or modulo by zero "
+                                              "(test_training.py:"),
     ],
 )
 def test_config_errors_stop_before_anything_is_written(tmp_path, capsys, override, message):
@@ -140,8 +175,10 @@ def test_config_errors_stop_before_anything_is_written(tmp_path, capsys, overrid
         run(["fit", *TINY, *override.split(), csv_logger(tmp_path), f"--trainer.default_root_dir={tmp_path}"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "configuration error:" in err and message in err
-    assert not any(tmp_path.iterdir())
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if "error" in line]  # one line
+    assert line.startswith("svflow-ode: error: configuration error: ") and message in line
+    assert not any(tmp_path.iterdir())  # no run directory either
 
 
 def test_help_explains_the_options(capsys):

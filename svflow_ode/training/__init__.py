@@ -1,6 +1,6 @@
 """Training SVFlow language models with Lightning: the module, data, callbacks and the CLI."""
 
-from .callbacks import TokenThroughput
+from .callbacks import SigtermCheckpoint, TokenThroughput
 from .checkpoints import AtomicCheckpointIO
 from .data import IGNORE, CharDataModule, LMDataModule
 from .guard import FiniteGuard, NonFiniteTrainingError
@@ -10,5 +10,6 @@ from .toy import GaussianMixtureDataModule
 
 __all__ = [
     "IGNORE", "AssociativeRecallDataModule", "AtomicCheckpointIO", "CharDataModule", "DyckDataModule", "FiniteGuard",
-    "GaussianMixtureDataModule", "LMDataModule", "LitSVFlow", "NonFiniteTrainingError", "TokenThroughput",
+    "GaussianMixtureDataModule", "LMDataModule", "LitSVFlow", "NonFiniteTrainingError", "SigtermCheckpoint",
+    "TokenThroughput",
 ]

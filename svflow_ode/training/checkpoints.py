@@ -11,23 +11,103 @@ from pathlib import Path
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "UntrustedCheckpointError", "load_checkpoint", "untrusted", "check_compatible"]
+__all__ = [
+    "AtomicCheckpointIO", "CheckpointError", "UntrustedCheckpointError", "load_checkpoint", "read_checkpoint",
+    "untrusted", "check_compatible", "differences",
+]
 
 
-class UntrustedCheckpointError(ValueError):
+class CheckpointError(ValueError):
+    """A file given as a checkpoint cannot be used as one: empty, cut short, text, or not Lightning's."""
+
+
+class UntrustedCheckpointError(CheckpointError):
     """A checkpoint holds pickled Python objects beyond tensors and plain containers."""
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", weights_only: bool = True):
     """``torch.load`` of tensors and plain containers only: a checkpoint can run no code.
 
     Raises:
+        FileNotFoundError: there is no file at ``path``.
         UntrustedCheckpointError: the file holds other objects; none of them was built.
+        CheckpointError: the file is no checkpoint torch can read (empty, cut short, text, other
+            bytes); the message says which, in one line.
     """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as err:
-        raise untrusted(path, err) from None
+        # The weights-only unpickler refuses a GLOBAL (a Python object to build: possibly code); any
+        # other refusal ("Unsupported operand 107") means the bytes are no pickle torch.save wrote.
+        if "GLOBAL" in str(err):
+            raise untrusted(path, err) from None
+        raise unreadable(path, err) from None
+    except MemoryError:
+        raise
+    except Exception as err:  # torch.load of arbitrary bytes: EOFError, KeyError, RuntimeError, OSError...
+        raise unreadable(path, err) from None
+
+
+def read_checkpoint(path: str | os.PathLike, map_location="cpu", weights_only: bool = True) -> dict:
+    """A checkpoint that Lightning wrote (``load_checkpoint``, then its structure checked).
+
+    Raises:
+        CheckpointError: as ``load_checkpoint``, or the file is a PyTorch file of another kind.
+    """
+    checkpoint = load_checkpoint(path, map_location, weights_only)
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict)
+            and "pytorch-lightning_version" in checkpoint):
+        held = (f"keys {', '.join(sorted(map(str, checkpoint))[:5])}{', ...' if len(checkpoint) > 5 else ''}"
+                if isinstance(checkpoint, dict) else f"a {type(checkpoint).__name__}")
+        raise CheckpointError(
+            f"{path} is a PyTorch file but no Lightning checkpoint: it lacks 'state_dict' and "
+            f"'pytorch-lightning_version' (it holds {held}); give a checkpoint written by svflow-ode fit"
+        )
+    return checkpoint
+
+
+def unreadable(path, err: BaseException) -> CheckpointError:
+    """The error for a file that ``torch.load`` fails on with ``err``: what the file is, in one line."""
+    # Not torch's preamble suggesting weights_only=False: the line that says what it stumbled on.
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    preamble = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    reason = next((line for line in lines if not line.startswith(preamble)), lines[0] if lines else "")
+    return CheckpointError(
+        f"{path} is not a readable checkpoint: {_what_is(Path(path))} "
+        f"(torch.load: {type(err).__name__}{': ' + reason[:120] if reason else ''}); "
+        f"use another checkpoint, e.g. an earlier one of the same run"
+    )
+
+
+def _what_is(path: Path) -> str:
+    """What the bytes of a file that torch cannot load look like."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(64)
+        f.seek(max(0, size - 65_557))  # a zip archive ends with its directory's end record (22 bytes + comment)
+        tail = f.read()
+    if head.startswith(b"PK\x03\x04"):  # torch.save's format: a zip archive
+        if b"PK\x05\x06" not in tail:
+            return f"a zip archive cut short ({size} bytes, its end is missing): a copy or write that did not finish"
+        return f"a zip archive ({size} bytes) that holds no checkpoint torch can read"
+    if _looks_like_text(head):
+        return f"a text file ({size} bytes, beginning {head.decode('utf-8', 'ignore')[:24]!r}), not a checkpoint"
+    return (f"neither a zip archive nor a pickle that torch.save writes ({size} bytes, beginning "
+            f"{head[:8].hex(' ')})")
+
+
+def _looks_like_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 3:  # not just a character cut at the end of the sample
+            return False
+        text = head[: err.start].decode("utf-8")
+    return all(c.isprintable() or c.isspace() for c in text)
 
 
 def untrusted(path, err: pickle.UnpicklingError) -> UntrustedCheckpointError:
@@ -78,8 +158,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None) -> dict:
         if weights_only is None and "://" not in str(path):
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"Checkpoint file not found: {path}")
             return load_checkpoint(path, map_location)
         return super().load_checkpoint(path, map_location, weights_only)
 
@@ -108,7 +186,7 @@ def check_compatible(checkpoint: dict, module: torch.nn.Module) -> None:
     problems = [f"{k}: {tuple(saved[k].shape)} in the checkpoint, {tuple(own[k].shape)} here" for k in reshaped[:3]]
     problems += [f"{len(missing)} tensors missing (e.g. {missing[0]})"] if missing else []
     problems += [f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else []
-    differ = _differences(checkpoint.get("hyper_parameters", {}), dict(getattr(module, "hparams", {})))
+    differ = differences(checkpoint.get("hyper_parameters", {}), dict(getattr(module, "hparams", {})))
     config = f"configuration entries differ: {'; '.join(differ)}. " if differ else ""
     raise ValueError(
         f"the checkpoint was written by a model of another shape: {config}Tensors: {'; '.join(problems)}. "
@@ -116,9 +194,19 @@ def check_compatible(checkpoint: dict, module: torch.nn.Module) -> None:
     )
 
 
-def _differences(saved, own, prefix: str = "") -> list[str]:
-    """``key: saved (checkpoint) vs own (here)`` for each entry of both nested configs that differs."""
+def differences(saved, own, prefix: str = "", skip: frozenset[str] = frozenset()) -> list[str]:
+    """``key: saved (checkpoint) vs own (here)`` for each entry of both nested configs that differs.
+
+    Keys are dotted paths below ``prefix``; those in ``skip`` (and everything below them) are not
+    compared. A tuple equals the list of the same items (a YAML or torch round trip makes one the other).
+    """
+    if prefix in skip:
+        return []
     if not (isinstance(saved, dict) and isinstance(own, dict)):
-        return [] if saved == own else [f"{prefix}: {saved!r} (checkpoint) vs {own!r} (here)"]
+        return [] if _plain(saved) == _plain(own) else [f"{prefix}: {saved!r} (checkpoint) vs {own!r} (here)"]
     keys = sorted(saved.keys() & own.keys())
-    return [line for k in keys for line in _differences(saved[k], own[k], f"{prefix}.{k}" if prefix else k)]
+    return [line for k in keys for line in differences(saved[k], own[k], f"{prefix}.{k}" if prefix else k, skip)]
+
+
+def _plain(value):
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value

@@ -64,6 +64,8 @@ class LMDataModule(L.LightningDataModule):
         for name, value in [("batch_size", batch_size), ("val_size", val_size), ("test_size", test_size)]:
             if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if seed < 0:  # numpy's SeedSequence, which draws every batch, takes none
+            raise ValueError(f"seed must be >= 0, got {seed}")
         self.batch_size, self.seed, self.val_size, self.test_size = batch_size, seed, val_size, test_size
 
     def draw(self, n: int, generator: torch.Generator, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,6 +121,8 @@ class CharDataModule(LMDataModule):
         train_fraction: float = 0.9,
     ):
         super().__init__(batch_size, seed, val_size, test_size=1)
+        if block_size < 1 or not 0 < train_fraction < 1:
+            raise ValueError(f"need block_size >= 1 and 0 < train_fraction < 1, got {block_size}, {train_fraction}")
         text = _read_text(path)
         self.vocab = "".join(sorted(set(text)))
         index = {c: i for i, c in enumerate(self.vocab)}

@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from solvers.errors import describe
+from solvers.errors import NonFiniteError, describe
 
 __all__ = ["FiniteGuard", "NonFiniteTrainingError"]
 
@@ -18,7 +18,11 @@ class NonFiniteTrainingError(RuntimeError):
 
 
 class FiniteGuard(L.Callback):
-    """Stops training at the first non-finite loss or gradient, before the optimizer applies it.
+    """Stops training at the first non-finite state, loss or gradient, before the optimizer applies it.
+
+    A state that turns non-finite inside the forward pass is caught by the solver itself
+    (``solvers.NonFiniteError``, naming the solver step and time); the guard then reports and
+    saves as below, before anything of the step has been applied.
 
     The check runs after the backward pass and before gradient clipping and the optimizer step:
     one reduction over the gradients and one host sync per step (in DDP, plus one all-reduce so
@@ -71,7 +75,11 @@ class FiniteGuard(L.Callback):
         if trainer.strategy.reduce_boolean_decision(bad, all=False):
             raise NonFiniteTrainingError(self._report(trainer, pl_module, loss))
 
-    def _report(self, trainer, pl_module, loss: torch.Tensor) -> str:
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, NonFiniteError) and trainer.training:
+            raise NonFiniteTrainingError(self._report(trainer, pl_module, None, str(exception))) from exception
+
+    def _report(self, trainer, pl_module, loss: torch.Tensor | None, forward_error: str | None = None) -> str:
         step = trainer.global_step
         named = list(pl_module.named_parameters())
         bad_weights = [n for n, p in named if not torch.isfinite(p).all()]
@@ -84,7 +92,10 @@ class FiniteGuard(L.Callback):
             trainer.save_checkpoint(path)
             saved = (f"weights and optimizer state before step {step} saved to {path}; resume from it "
                      f"with --ckpt_path, e.g. clipping gradients (--trainer.gradient_clip_val)")
-        lines = [f"training step {step} turned non-finite (loss {loss.item():.4g})"]
+        if forward_error is None:
+            lines = [f"training step {step} turned non-finite (loss {loss.item():.4g})"]
+        else:
+            lines = [f"training step {step} turned non-finite in the forward pass: {forward_error}"]
         bad_grads = [(n, p.grad) for n, p in named if p.grad is not None and not torch.isfinite(p.grad).all()]
         if bad_grads:
             name, grad = bad_grads[0]
@@ -112,6 +123,10 @@ class FiniteGuard(L.Callback):
 
         names = {m: f"model.{n}" if n else "model" for n, m in model.named_modules()}
         hooks = [h for m in names for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+        # The re-run must go past the solver's own check to see every state.
+        checking = getattr(model, "check_finite", None)
+        if checking is not None:
+            model.check_finite = False
         try:
             out = model(self._batch[0])
         except Exception as err:  # e.g. an adaptive solve's StepSizeError; it must not hide the report
@@ -119,6 +134,8 @@ class FiniteGuard(L.Callback):
         finally:
             for h in hooks:
                 h.remove()
+            if checking is not None:
+                model.check_finite = checking
         states = getattr(out, "hidden_states", ())
         n = len(states) - 1
         # Adaptive and adjoint solves keep only the pieces' ends (evenly spaced), not every step.

@@ -8,8 +8,8 @@ from contextlib import nullcontext
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 
+from solvers.compat import given_hyperparameters
 from svflow_ode.diagnostics.consistency import PARTS, consistency_recorder
 from svflow_ode.lm import SVFlowLM
 
@@ -60,8 +60,17 @@ class LitSVFlow(L.LightningModule):
         consistency_detach_p: bool = False,
     ):
         super().__init__()
-        if not 0 <= min_lr <= lr:
-            raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={min_lr}, lr={lr}")
+        # NaN passes every comparison below unnoticed, and would only show as a NaN loss.
+        floats = {"lr": lr, "min_lr": min_lr, "weight_decay": weight_decay, "consistency_beta": consistency_beta}
+        bad = {name: value for name, value in [*floats.items(), *zip(("beta1", "beta2"), betas)]
+               if not math.isfinite(value)}
+        if bad:
+            raise ValueError(f"need finite values, got {', '.join(f'{k}={v}' for k, v in bad.items())}")
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas) or weight_decay < 0:
+            raise ValueError(f"need two betas in [0, 1) and weight_decay >= 0, got betas={tuple(betas)}, "
+                             f"weight_decay={weight_decay}")
+        if not 0 <= min_lr <= lr or lr == 0:  # the schedule is a multiple of lr
+            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got min_lr={min_lr}, lr={lr}")
         if warmup_steps < 0 or (max_steps is not None and max_steps < 1):
             raise ValueError(f"need warmup_steps >= 0 and max_steps >= 1, got {warmup_steps}, {max_steps}")
         if consistency_beta < 0:
@@ -75,7 +84,7 @@ class LitSVFlow(L.LightningModule):
             raise ValueError(f"the consistency regulariser needs gradient='backprop', got {model.gradient!r}")
         # Under LightningCLI the hyperparameters are the configuration, with the model's class path
         # and arguments: load_from_checkpoint rebuilds the model. A model object is no hyperparameter.
-        self.save_hyperparameters(ignore=None if _given_hyperparameters.get() else ["model"])
+        self.save_hyperparameters(ignore=None if given_hyperparameters() else ["model"])
         self.model = model
         self.lr, self.min_lr, self.weight_decay, self.betas = lr, min_lr, weight_decay, tuple(betas)
         self.warmup_steps, self.max_steps = warmup_steps, max_steps

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import torch
-from jsonargparse import CLI
+import math
+import sys
 
-from .checkpoints import load_checkpoint
+import torch
+from jsonargparse import CLI, ArgumentParser
+
+from .checkpoints import read_checkpoint
+from .cli import OneLineErrors
 from .data import CharDataModule
 from .module import LitSVFlow
 
@@ -25,8 +29,7 @@ def generate(
 
     The context is cropped to the model's ``max_len`` latest tokens (as nanoGPT).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    _check_sampling(num_tokens, temperature, top_k, "num_tokens")
     for _ in range(num_tokens):
         logits = model(input_ids[:, -model.max_len :]).logits[:, -1, :] / temperature  # (B, V)
         if top_k is not None:
@@ -59,24 +62,49 @@ def sample(
     Returns:
         The prompt followed by the generated characters.
     """
-    state = load_checkpoint(checkpoint)
+    _check_sampling(num_chars, temperature, top_k, "num_chars")  # before the checkpoint is read
+    if not prompt:
+        raise ValueError("the prompt must hold at least one character")
+    state = read_checkpoint(checkpoint)
     if CharDataModule.__qualname__ not in state:
         raise ValueError(f"{checkpoint} holds no character vocabulary: it was not trained on CharDataModule data")
     vocab = state[CharDataModule.__qualname__]["vocab"]
-    if not prompt:
-        raise ValueError("the prompt must hold at least one character")
     unknown = sorted(set(prompt) - set(vocab))
     if unknown:
-        raise ValueError(f"the prompt has characters outside the vocabulary: {unknown}")
+        shown = "".join(unknown[:20]) + ("..." if len(unknown) > 20 else "")
+        raise ValueError(f"the prompt has {len(unknown)} characters outside the vocabulary ({len(vocab)} "
+                         f"characters, the training text's): {shown!r}")
     model = LitSVFlow.load_from_checkpoint(checkpoint, map_location="cpu").model.eval()
     input_ids = torch.tensor([[vocab.index(c) for c in prompt]])  # (1, T)
     out = generate(model, input_ids, num_chars, temperature, top_k, torch.Generator().manual_seed(seed))
     return "".join(vocab[i] for i in out[0].tolist())
 
 
+def _check_sampling(count: int, temperature: float, top_k: int | None, name: str) -> None:
+    """``ValueError`` naming the first sampling setting that cannot work."""
+    if count < 0:
+        raise ValueError(f"{name} must be >= 0, got {count}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (or None: all characters), got {top_k}")
+
+
+class _Parser(OneLineErrors, ArgumentParser):
+    """The command's parser: its errors are one line."""
+
+
 def main(args: list[str] | None = None) -> None:
-    """The ``svflow-ode-sample`` command: prints ``sample(...)``."""
-    print(CLI(sample, args=args))
+    """The ``svflow-ode-sample`` command: prints ``sample(...)``.
+
+    Exit status 2, with one line on stderr, for a bad option, prompt or checkpoint file.
+    """
+    try:
+        text = CLI(sample, args=args, parser_class=_Parser, prog="svflow-ode-sample")
+    except (ValueError, FileNotFoundError) as err:  # the checks above and read_checkpoint's: one line each
+        print(f"svflow-ode-sample: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(text)
 
 
 if __name__ == "__main__":

@@ -104,9 +104,10 @@ class DyckDataModule(LMDataModule):
         test_size: int = 1024,
     ):
         super().__init__(batch_size, seed, val_size, test_size)
-        if n_types < 1 or max_depth < 1 or not 0 < p_open < 1:
+        if n_types < 1 or max_depth < 1 or not 0 < p_open < 1 or block_size < 1:
             raise ValueError(
-                f"need n_types >= 1, max_depth >= 1 and 0 < p_open < 1, got {n_types}, {max_depth}, {p_open}"
+                f"need n_types >= 1, max_depth >= 1, 0 < p_open < 1 and block_size >= 1, got {n_types}, {max_depth}, "
+                f"{p_open}, {block_size}"
             )
         self.n_types, self.max_depth, self.p_open = n_types, max_depth, p_open
         self.vocab_size, self.block_size = 2 * n_types, block_size
