@@ -36,8 +36,8 @@ def main(argv=None):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     models = {
-        "SVFlow euler": SVFlowLM(vocab, d, heads, layers, max_len=T, norm="post_ln"),
-        "SVFlow rk4": SVFlowLM(vocab, d, heads, layers, max_len=T, norm="post_ln", method="rk4"),
+        "SVFlow euler": SVFlowLM(vocab, d, heads, layers, context=T, norm="post_ln"),
+        "SVFlow rk4": SVFlowLM(vocab, d, heads, layers, context=T, norm="post_ln", method="rk4"),
         "plain Transformer": PlainLM(vocab, d, heads, layers, T),
     }
     ids = torch.randint(0, vocab, (B, T), device=device)

@@ -42,9 +42,9 @@ class PlainBlock(nn.Module):
 
 
 class PlainLM(nn.Module):
-    def __init__(self, vocab, d, heads, layers, max_len):
+    def __init__(self, vocab, d, heads, layers, context):
         super().__init__()
-        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(max_len, d)
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(context, d)
         self.ln = nn.LayerNorm(d)
         self.blocks = nn.ModuleList(PlainBlock(d, heads) for _ in range(layers))
         self.head = nn.Linear(d, vocab, bias=False)
@@ -74,7 +74,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     vocab, d, heads, layers, T = 65, 128, 4, 4, 64
-    ours = SVFlowLM(vocab, d, heads, layers, max_len=T, norm="post_ln")
+    ours = SVFlowLM(vocab, d, heads, layers, context=T, norm="post_ln")
     plain = PlainLM(vocab, d, heads, layers, T)
     idx = torch.randint(0, vocab, (args.batch, T))
     targets = torch.randint(0, vocab, (args.batch, T))

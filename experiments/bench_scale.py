@@ -45,7 +45,7 @@ VOCAB = 65
 
 
 def depth_model(steps: int, gradient: str, d: int = 128, layers: int = 4, seq: int = 128) -> SVFlowLM:
-    return SVFlowLM(VOCAB, d, 4, layers, max_len=seq, norm="pre_ln", time="continuous",
+    return SVFlowLM(VOCAB, d, 4, layers, context=seq, norm="pre_ln", time="continuous",
                     splitting="none", method="euler", steps=steps, gradient=gradient)
 
 
@@ -218,7 +218,7 @@ def main(argv=None):
     lines += ["", "## 2. Sequence length (Euler, backprop, 4 steps)", "",
               "| tokens | step time (ms) | saved (MiB) |", "|---|---|---|"]
     for length in tqdm([64, 128, 256] if args.quick else [64, 128, 256, 512, 1024], desc="sequence length"):
-        model = SVFlowLM(VOCAB, 128, 4, 4, max_len=length, norm="post_ln")
+        model = SVFlowLM(VOCAB, 128, 4, 4, context=length, norm="post_ln")
         x = torch.randint(0, VOCAB, (batch, length))
         saved = saved_activation_bytes(model, x, x)
         seconds = median_time(lambda: train_step(model, x, x), repeats)
@@ -227,8 +227,8 @@ def main(argv=None):
     lines += ["", "## 3. Eager vs compiled; SVFlow vs plain Transformer", ""]
     d, layers, T, B = 128, 4, 64, 12
     x = torch.randint(0, VOCAB, (B, T))
-    models = {"SVFlow euler": SVFlowLM(VOCAB, d, 4, layers, max_len=T, norm="post_ln"),
-              "SVFlow rk4": SVFlowLM(VOCAB, d, 4, layers, max_len=T, norm="post_ln", method="rk4"),
+    models = {"SVFlow euler": SVFlowLM(VOCAB, d, 4, layers, context=T, norm="post_ln"),
+              "SVFlow rk4": SVFlowLM(VOCAB, d, 4, layers, context=T, norm="post_ln", method="rk4"),
               "plain Transformer": PlainLM(VOCAB, d, 4, layers, T)}
     fns = {}
     for name, model in models.items():

@@ -44,11 +44,11 @@ class PostLNBlock(nn.Module):
 class PostLNTransformer(nn.Module):
     """Token + position embeddings, LayerNorm, post-LN blocks, tied head."""
 
-    def __init__(self, vocab_size: int, d: int, n_heads: int, n_layers: int, max_len: int):
+    def __init__(self, vocab_size: int, d: int, n_heads: int, n_blocks: int, context: int):
         super().__init__()
-        self.tokens, self.positions = nn.Embedding(vocab_size, d), nn.Embedding(max_len, d)
+        self.tokens, self.positions = nn.Embedding(vocab_size, d), nn.Embedding(context, d)
         self.ln = nn.LayerNorm(d)
-        self.blocks = nn.ModuleList(PostLNBlock(d, n_heads, 4 * d) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(PostLNBlock(d, n_heads, 4 * d) for _ in range(n_blocks))
         self.head = nn.Linear(d, vocab_size, bias=False)
         self.head.weight = self.tokens.weight
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> float:
     torch.manual_seed(0)
     V, d, H, L, T, B = 65, 128, 4, 4, 64, 12
     models = {
-        "SVFlow (Euler, post_ln)": (SVFlowLM(V, d, H, L, max_len=T), lambda m, x: m(x).logits),
+        "SVFlow (Euler, post_ln)": (SVFlowLM(V, d, H, L, context=T), lambda m, x: m(x).logits),
         "plain post-LN Transformer": (PostLNTransformer(V, d, H, L, T), lambda m, x: m(x)),
     }
     params = {name: sum(p.numel() for p in m.parameters()) for name, (m, _) in models.items()}

@@ -99,7 +99,7 @@ def train(
         model: an ``SVFlowLM`` (anything returning ``.logits`` for ``(B, T)`` ids).
         data: the corpus.
         steps: optimiser steps.
-        batch_size: sequences per step, each ``model.max_len`` characters.
+        batch_size: sequences per step, each ``model.context`` characters.
         lr: peak learning rate.
         seed: seed of the training windows.
         forward: ``forward(model, input_ids) -> (output, extra)``; ``extra`` (a scalar) is added
@@ -122,7 +122,7 @@ def train(
     for step in tqdm(range(steps), desc=desc, leave=False):
         if probe is not None and step % probe_every == 0:
             probe(model, step)
-        w = data.windows("train", batch_size, model.max_len + 1, generator)
+        w = data.windows("train", batch_size, model.context + 1, generator)
         ids = w[:, :-1]
         out, extra = (model(ids), 0.0) if forward is None else forward(model, ids)
         loss = F.cross_entropy(out.logits.flatten(0, 1), w[:, 1:].flatten()) + extra

@@ -59,7 +59,7 @@ CONFIGS = (Config("per_step"), Config("shared"), Config("continuous"), Config("s
 def build(config: Config, args) -> SVFlowLM:
     # per-step and shared have N units of time (N sets, or one set over [0, N]); continuous has K nodes.
     layers = args.k if config.time == "continuous" else args.n
-    return SVFlowLM(args.vocab_size, args.d_model, args.heads, layers, max_len=args.context, norm="sphere",
+    return SVFlowLM(args.vocab_size, args.d_model, args.heads, layers, context=args.context, norm="sphere",
                     time=config.time, splitting="none", steps=args.n, init="nanogpt")
 
 

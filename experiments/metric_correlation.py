@@ -249,7 +249,7 @@ def main(argv=None):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     models = load_sweep_models(args.models)
     data = CharData.load(args.data)
-    windows = data.windows("val", args.windows, models[0][0].max_len + 1, torch.Generator().manual_seed(4321))
+    windows = data.windows("val", args.windows, models[0][0].context + 1, torch.Generator().manual_seed(4321))
     ids, targets = windows[:, :-1], windows[:, -1]
     rows = []
     for model, saved in tqdm(models, desc="models"):

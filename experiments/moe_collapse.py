@@ -39,9 +39,9 @@ from svflow_ode.lm import SVFlowLM  # noqa: E402
 KINDS = ("none", "switch", "consistency", "consistency_detached")
 
 
-def moe_lm(vocab_size: int, d_model: int, n_layers: int, n_experts: int, d_ff: int, max_len: int) -> SVFlowLM:
+def moe_lm(vocab_size: int, d_model: int, n_blocks: int, n_experts: int, d_ff: int, context: int) -> SVFlowLM:
     """A post-LN ``SVFlowLM`` whose FFN field in every block is a top-1 ``MoEField``."""
-    model = SVFlowLM(vocab_size, d_model, n_heads=4, n_layers=n_layers, max_len=max_len, norm="post_ln",
+    model = SVFlowLM(vocab_size, d_model, n_heads=4, n_blocks=n_blocks, context=context, norm="post_ln",
                      init="nanogpt")
     for block in model.blocks:
         moe = MoEField(d_model, d_ff, n_experts, top_k=1, renormalise=False)

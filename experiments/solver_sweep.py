@@ -83,8 +83,8 @@ def sweep_runs(K: int) -> list[Run]:
 
 def config(run: Run, args) -> dict:
     """``SVFlowLM`` keyword arguments of the sweep's size; adaptive methods get the dopri5 tolerance and NFE cap."""
-    return dict(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.heads, n_layers=args.layers,
-                max_len=args.context, method=run.method, steps=run.steps, rtol=args.dopri5_tol,
+    return dict(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.heads, n_blocks=args.layers,
+                context=args.context, method=run.method, steps=run.steps, rtol=args.dopri5_tol,
                 atol=args.dopri5_tol, max_nfe=args.dopri5_max_nfe * args.layers, init="nanogpt",
                 **ARCHITECTURES[run.arch])  # one solve restarts at each block: the cap covers them all
 

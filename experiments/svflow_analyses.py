@@ -38,8 +38,8 @@ VARIANTS = {"query_key κ": Options(kappa="query_key"), "p without C_d": Options
 
 def char_lm(args, data: CharData) -> tuple[SVFlowLM, float]:
     """The character LM (trained here, or loaded from ``--checkpoint``) and its validation loss."""
-    config = dict(vocab_size=len(data.vocab), d_model=args.d_model, n_heads=args.heads, n_layers=args.layers,
-                  max_len=args.context, norm="pre_ln")
+    config = dict(vocab_size=len(data.vocab), d_model=args.d_model, n_heads=args.heads, n_blocks=args.layers,
+                  context=args.context, norm="pre_ln")
     torch.manual_seed(args.seed)
     model = SVFlowLM(**config)
     if args.checkpoint is not None:

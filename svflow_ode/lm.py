@@ -69,13 +69,14 @@ class SVFlowLM(SVFlow):
         vocab_size: vocabulary size.
         d_model: state dimension.
         n_heads: attention heads.
-        n_layers: parameter sets (blocks); with ``time="shared"`` the depth of the one shared set.
+        n_blocks: parameter sets (blocks); with ``time="shared"`` one block is built and
+            integrated to the horizon ``T = n_blocks`` (the depth of its per-step sibling).
         d_ff: FFN width (default ``4 * d_model``).
-        max_len: context length.
+        context: context length.
         norm: one of ``NORMS`` (see the module docstring).
         time: "per_step", "shared" or "continuous" parameters.
         method: default solver (``solvers.METHODS``).
-        steps: default step count (default ``n_layers``).
+        steps: default step count (default ``n_blocks``).
         splitting: "lie", "strang" or "none".
         mode: "relaxed" or "strict".
         gradient: "backprop" or "checkpoint".
@@ -95,9 +96,9 @@ class SVFlowLM(SVFlow):
         vocab_size: int,
         d_model: int = 128,
         n_heads: int = 4,
-        n_layers: int = 4,
+        n_blocks: int = 4,
         d_ff: int | None = None,
-        max_len: int = 64,
+        context: int = 64,
         norm: str = "post_ln",
         time: str = "per_step",
         method: str = "euler",
@@ -113,7 +114,7 @@ class SVFlowLM(SVFlow):
         init: str = "fan_in",
     ):
         for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("n_heads", n_heads),
-                            ("n_layers", n_layers), ("max_len", max_len), ("d_ff", d_ff)):
+                            ("n_blocks", n_blocks), ("context", context), ("d_ff", d_ff)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
@@ -125,8 +126,7 @@ class SVFlowLM(SVFlow):
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         d_ff = 4 * d_model if d_ff is None else d_ff
-        n_blocks = 1 if time == "shared" else n_layers
-        blocks = [_layer(norm, d_model, n_heads, d_ff, causal, eps) for _ in range(n_blocks)]
+        blocks = [_layer(norm, d_model, n_heads, d_ff, causal, eps) for _ in range(1 if time == "shared" else n_blocks)]
         if norm == "post_ln":
             normalise = nn.LayerNorm(d_model, eps=eps)
         elif norm == "post_rms":
@@ -135,16 +135,16 @@ class SVFlowLM(SVFlow):
             normalise = _Projection(Sphere(None))
         else:
             normalise = None
-        embed = TokenEmbedding(vocab_size, d_model, max_len, norm=normalise)
+        embed = TokenEmbedding(vocab_size, d_model, context, norm=normalise)
         final_norm = {"pre_ln": nn.LayerNorm(d_model, eps=eps), "pre_rms": nn.RMSNorm(d_model, eps=eps)}.get(norm)
         head = nn.Linear(d_model, vocab_size, bias=False)
         head.weight = embed.word.weight  # tied, as in nanoGPT
         super().__init__(
-            embed, blocks, time=time, depth=n_layers if time == "shared" else None, method=method,
+            embed, blocks, time=time, horizon=n_blocks if time == "shared" else None, method=method,
             steps=steps, mode=mode, splitting=splitting, gradient=gradient, rtol=rtol, atol=atol,
             max_nfe=max_nfe, final_norm=final_norm, head=head,
         )
-        self.vocab_size, self.max_len, self.norm = vocab_size, max_len, norm
+        self.vocab_size, self.context, self.norm = vocab_size, context, norm
         _init_weights(self, init)
 
 

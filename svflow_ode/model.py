@@ -2,8 +2,8 @@
 
 A block is a list of terms, each a field and the manifold its substep retracts onto (post-LN:
 ``AffineChart(LayerNormSphere, gamma, beta)``; pre-norm: ``Euclidean`` with a ``PreNorm`` field).
-The flow runs over ``t in [0, T]`` with ``T`` the number of parameter sets (or ``depth`` when
-they are shared), so the default, one Euler step per block, has ``h = 1``: a Transformer. The
+The flow runs over ``t in [0, T]`` with ``T`` (the horizon) the number of parameter sets (or
+given, when they are shared), so the default, one Euler step per block, has ``h = 1``: a Transformer. The
 model only describes the flow (a ``solvers.Piecewise`` field); ``solvers.integrate`` solves it.
 """
 
@@ -82,7 +82,8 @@ class SVFlow(nn.Module):
         time: "per_step" (piecewise constant in t: block k on ``[k, k+1)``), "continuous"
             (parameters interpolated linearly between blocks at integer times) or "shared"
             (one block for all t: an autonomous field).
-        depth: the horizon ``T`` for ``time="shared"`` (and its default step count).
+        horizon: the horizon ``T`` for ``time="shared"`` (and its default step count); otherwise
+            the number of blocks.
         method: default solver name (``solvers.METHODS``).
         steps: default number of steps (default: one per unit of time).
         mode: "relaxed" (``retr(x + h f)``, the Transformer's form) or "strict".
@@ -107,7 +108,7 @@ class SVFlow(nn.Module):
         blocks: Sequence[Block],
         *,
         time: str = "per_step",
-        depth: int | None = None,
+        horizon: int | None = None,
         method: str = "euler",
         steps: int | None = None,
         mode: str = "relaxed",
@@ -133,8 +134,8 @@ class SVFlow(nn.Module):
             raise ValueError(f"time='shared' takes exactly one block, got {len(blocks)}")
         if len({len(block.terms) for block in blocks}) > 1:  # interpolation pairs terms up by position
             raise ValueError(f"every block needs the same number of terms, got {[len(b.terms) for b in blocks]}")
-        if time == "shared" and depth is None:
-            raise ValueError("time='shared' needs depth (the horizon T)")
+        if time == "shared" and horizon is None:
+            raise ValueError("time='shared' needs horizon (T, the time the one block is integrated for)")
         self.embed = embed
         self.blocks = nn.ModuleList(blocks)
         self.time, self.mode, self.splitting, self.gradient = time, mode, splitting, gradient
@@ -148,7 +149,7 @@ class SVFlow(nn.Module):
             )
         if gradient == "adjoint":
             self._check_adjoint(charts)
-        self.horizon = depth if time == "shared" else len(blocks)
+        self.horizon = horizon if time == "shared" else len(blocks)
         self.method = method
         self.rtol, self.atol, self.max_nfe = rtol, atol, max_nfe
         self.steps = self.horizon if steps is None else steps

@@ -67,7 +67,7 @@ def char_checkpoint(tmp_path_factory) -> Path:
         patch.setattr(sys, "argv", ["svflow-ode"])
         patch.chdir(folder)
         run(["fit", *SHIPPED, "--trainer.logger=false", "--data=CharDataModule", f"--data.path={folder / 'corpus.txt'}",
-             "--data.block_size=16", "--trainer.max_steps=1", f"--trainer.callbacks={json.dumps([callback])}"])
+             "--data.context=16", "--trainer.max_steps=1", f"--trainer.callbacks={json.dumps([callback])}"])
     return folder / "ck" / "last.ckpt"
 
 
@@ -160,7 +160,7 @@ def test_sample_with_good_options_prints_the_text(char_checkpoint, capsys):
 
 # The fuzz: option values that no option of its kind takes, and option names that do not exist.
 POSITIVE_INT = ["trainer.max_steps", "trainer.accumulate_grad_batches", "trainer.val_check_interval",
-                "model.max_steps", "model.model.init_args.d_model", "model.model.init_args.n_layers",
+                "model.max_steps", "model.model.init_args.d_model", "model.model.init_args.n_blocks",
                 "data.batch_size", "data.val_size", "data.n_pairs", "data.n_queries", "data.n_keys", "data.n_values"]
 NON_NEGATIVE_INT = ["model.warmup_steps", "data.seed", "seed_everything"]
 POSITIVE_FLOAT = ["model.lr"]

@@ -46,7 +46,7 @@ def test_lit_svflow_saves_the_model_configuration_only_when_lightningcli_builds_
     # hold the model's class path and arguments; a directly built one's leave the model object out.
     monkeypatch.setattr(sys, "argv", ["svflow-ode"])
     monkeypatch.chdir(tmp_path)
-    direct = LitSVFlow(SVFlowLM(vocab_size=8, d_model=8, n_heads=2, n_layers=1, max_len=4), max_steps=2)
+    direct = LitSVFlow(SVFlowLM(vocab_size=8, d_model=8, n_heads=2, n_blocks=1, context=4), max_steps=2)
     assert "model" not in direct.hparams
     cli = run([f"--config={BASE}", "--model.model.init_args.d_model=8", "--model.model.init_args.n_heads=2",
                "--trainer.logger=false", "--trainer.callbacks=[]"], run=False)

@@ -21,7 +21,7 @@ def text_file(tmp_path):
 
 
 def test_char_split_vocabulary_and_windows(text_file):
-    dm = CharDataModule(str(text_file), block_size=8, batch_size=4, val_size=16)
+    dm = CharDataModule(str(text_file), context=8, batch_size=4, val_size=16)
     assert dm.vocab == "".join(sorted(set(TEXT))) and dm.vocab_size == len(set(TEXT))
     assert dm.n_train == int(0.9 * len(TEXT))
     decode = lambda ids: "".join(dm.vocab[i] for i in ids.tolist())  # noqa: E731
@@ -40,12 +40,12 @@ def test_char_split_vocabulary_and_windows(text_file):
 
 
 def test_char_vocabulary_travels_with_the_state(text_file, tmp_path):
-    dm = CharDataModule(str(text_file), block_size=8)
-    CharDataModule(str(text_file), block_size=8).load_state_dict(dm.state_dict())  # same file: accepted
+    dm = CharDataModule(str(text_file), context=8)
+    CharDataModule(str(text_file), context=8).load_state_dict(dm.state_dict())  # same file: accepted
     other = tmp_path / "other.txt"
     other.write_text(TEXT.upper())
     with pytest.raises(ValueError, match="vocabulary"):
-        CharDataModule(str(other), block_size=8).load_state_dict(dm.state_dict())
+        CharDataModule(str(other), context=8).load_state_dict(dm.state_dict())
 
 
 def test_missing_file_is_named(tmp_path):
@@ -59,21 +59,21 @@ def test_missing_file_is_named(tmp_path):
         (b"", "is empty"),
         (b"text\x00\x01\x02", "looks binary (a NUL byte at offset 4): CharDataModule reads text"),
         ("café au lait".encode("latin-1"), "is not UTF-8 text: byte 0xe9 at offset 3 (invalid continuation byte)"),
-        (b"0123456789", "the training split has 9 characters, fewer than block_size + 1 = 17"),
+        (b"0123456789", "the training split has 9 characters, fewer than context + 1 = 17"),
     ],
 )
 def test_unusable_text_files_are_refused_with_the_reason(tmp_path, content, message):
     path = tmp_path / "data.txt"
     path.write_bytes(content)
     with pytest.raises(ValueError, match=re.escape(f"{path}")) as info:
-        CharDataModule(str(path), block_size=16)
+        CharDataModule(str(path), context=16)
     assert message in str(info.value)
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda path: CharDataModule(path, block_size=0), "need block_size >= 1 and 0 < train_fraction < 1, got 0, 0.9"),
+    (lambda path: CharDataModule(path, context=0), "need context >= 1 and 0 < train_fraction < 1, got 0, 0.9"),
     (lambda path: CharDataModule(path, train_fraction=float("nan")), "0 < train_fraction < 1, got 64, nan"),
-    (lambda path: DyckDataModule(block_size=0), "block_size >= 1, got 3, 8, 0.5, 0"),
+    (lambda path: DyckDataModule(context=0), "context >= 1, got 3, 8, 0.5, 0"),
     (lambda path: CharDataModule(path, seed=-1), "seed must be >= 0, got -1"),
     (lambda path: AssociativeRecallDataModule(seed=-1), "seed must be >= 0, got -1"),
 ])
@@ -85,7 +85,7 @@ def test_settings_that_would_fail_mid_run_are_refused_when_built(text_file, make
 
 
 def test_validation_is_fixed_and_training_is_step_seeded(text_file):
-    dm = CharDataModule(str(text_file), block_size=8, val_size=16)
+    dm = CharDataModule(str(text_file), context=8, val_size=16)
     assert torch.equal(dm.val_set().tensors[0], dm.val_set().tensors[0])
     stream = lambda first, rank=0: iter(_StepBatches(dm.draw, 4, 0, rank, lambda: first))  # noqa: E731
     from_zero = stream(0)
@@ -98,7 +98,7 @@ def test_validation_is_fixed_and_training_is_step_seeded(text_file):
 def test_associative_recall_targets_by_hand():
     dm = AssociativeRecallDataModule(n_pairs=5, n_queries=3, n_keys=10, n_values=7, val_size=64)
     P, Q = 5, 3
-    assert dm.vocab_size == 17 and dm.block_size == 2 * (P + Q) - 1
+    assert dm.vocab_size == 17 and dm.context == 2 * (P + Q) - 1
     inputs, labels = dm.val_set().tensors
     for x, y in zip(inputs.tolist(), labels.tolist()):
         keys, values = x[0 : 2 * P : 2], x[1 : 2 * P : 2]
@@ -119,7 +119,7 @@ def test_associative_recall_rejects_impossible_sizes():
 
 
 def test_dyck_labels_are_the_matching_closers():
-    dm = DyckDataModule(n_types=3, block_size=40, max_depth=4, val_size=64)
+    dm = DyckDataModule(n_types=3, context=40, max_depth=4, val_size=64)
     inputs, labels = dm.val_set().tensors
     for x, y in zip(inputs.tolist(), labels.tolist()):
         stack = []

@@ -178,7 +178,7 @@ def zero_queries(model):
 
 @pytest.mark.parametrize("norm", ["post_ln", "pre_ln", "ngpt"])
 def test_zero_query_weights_give_uniform_attention_in_every_layer(norm):
-    model = zero_queries(SVFlowLM(50, 32, 4, 3, max_len=12, norm=norm).double().eval())
+    model = zero_queries(SVFlowLM(50, 32, 4, 3, context=12, norm=norm).double().eval())
     ids = torch.randint(0, 50, (3, 12))
     mask = torch.ones(3, 12, dtype=torch.long)
     mask[0, 9:] = 0
@@ -192,7 +192,7 @@ def test_zero_query_weights_give_uniform_attention_in_every_layer(norm):
 
 def test_hooks_read_the_state_the_field_reads():
     # In a pre-norm model, layer k's attention reads norm_k(state after k layers).
-    model = SVFlowLM(50, 32, 4, 2, max_len=8, norm="pre_ln").double().eval()
+    model = SVFlowLM(50, 32, 4, 2, context=8, norm="pre_ln").double().eval()
     with torch.no_grad(), on_calls(model, AttentionField, lambda field, x, context: x) as records:
         out = model(torch.randint(0, 50, (2, 8)))
     assert [t for t, _ in records] == [0.0, 1.0]
@@ -202,7 +202,7 @@ def test_hooks_read_the_state_the_field_reads():
 
 
 def test_layer_metrics_group_solver_stages_by_layer():
-    model = SVFlowLM(50, 32, 4, 3, max_len=8, norm="pre_ln", method="rk4").double().eval()
+    model = SVFlowLM(50, 32, 4, 3, context=8, norm="pre_ln", method="rk4").double().eval()
     with on_calls(model, AttentionField, lambda field, x, context: None) as records:
         model(torch.randint(0, 50, (2, 8)))
     assert len(records) == 12  # 4 stages per layer
@@ -232,7 +232,7 @@ def test_shuffle_prefix_moves_exactly_the_requested_share():
 
 
 def test_logit_lens_last_row_is_the_model_output():
-    model = SVFlowLM(50, 32, 4, 3, max_len=8, norm="pre_ln").double().eval()
+    model = SVFlowLM(50, 32, 4, 3, context=8, norm="pre_ln").double().eval()
     ids, targets = torch.randint(0, 50, (4, 8)), torch.randint(0, 50, (4,))
     with torch.no_grad():
         out = model(ids)
@@ -245,7 +245,7 @@ def test_logit_lens_last_row_is_the_model_output():
 
 @pytest.mark.parametrize("readout", ["lens", "patch"])
 def test_shuffle_study_with_rate_zero_changes_nothing(readout):
-    model = SVFlowLM(50, 32, 4, 2, max_len=10, norm="pre_ln").double().eval()
+    model = SVFlowLM(50, 32, 4, 2, context=10, norm="pre_ln").double().eval()
     ids, targets = torch.randint(0, 50, (6, 10)), torch.randint(0, 50, (6,))
     rows = prefix_shuffle_study(model, ids, [0.0, 1.0], targets=targets, options=Options(readout=readout),
                                 batch_size=4)
@@ -257,7 +257,7 @@ def test_shuffle_study_with_rate_zero_changes_nothing(readout):
 
 
 def test_shuffle_study_of_an_encoder_has_no_nll():
-    model = SVFlowLM(50, 32, 4, 2, max_len=10, causal=False).double().eval()
+    model = SVFlowLM(50, 32, 4, 2, context=10, causal=False).double().eval()
     rows = prefix_shuffle_study(model, torch.randint(0, 50, (4, 10)), [1.0], start=1, stop=-1)
     assert len(rows) == 2 and "d_nll" not in rows[0]
 
@@ -286,7 +286,7 @@ def test_moe_consistency_with_identical_experts_is_kl_to_uniform():
 
 
 def moe_lm():
-    model = SVFlowLM(50, 16, 2, 2, max_len=8)
+    model = SVFlowLM(50, 16, 2, 2, context=8)
     for block in model.blocks:
         block.terms[1].field = MoEField(16, 8, 3, top_k=1, renormalise=False)
     return model
@@ -325,12 +325,12 @@ def test_consistency_recorder_shares_the_forward_pass():
         model(ids)
     assert len(moe_only) == 2
     with pytest.raises(ValueError, match="none of the fields"):
-        with consistency_recorder(SVFlowLM(50, 16, 2, 1, max_len=8), parts=("moe",)):
+        with consistency_recorder(SVFlowLM(50, 16, 2, 1, context=8), parts=("moe",)):
             pass
 
 
 def test_zero_query_attention_consistency_is_kl_from_uniform_to_p():
-    model = zero_queries(SVFlowLM(50, 32, 4, 2, max_len=8).double())
+    model = zero_queries(SVFlowLM(50, 32, 4, 2, context=8).double())
     ids = torch.randint(0, 50, (2, 8))
     table = layer_metrics(model, ids)
     loss = consistency_loss(model, ids, parts=("attention",))
@@ -342,10 +342,10 @@ def test_zero_query_attention_consistency_is_kl_from_uniform_to_p():
 
 def test_correlation_across_models_ranks_sharper_attention():
     # Scaling W_q by c sharpens every first-layer posterior: KL(q||U) increases with c.
-    base = SVFlowLM(50, 32, 4, 2, max_len=8).double().eval()
+    base = SVFlowLM(50, 32, 4, 2, context=8).double().eval()
     models = []
     for c in (0.0, 1.0, 3.0, 9.0):
-        model = SVFlowLM(50, 32, 4, 2, max_len=8).double().eval()
+        model = SVFlowLM(50, 32, 4, 2, context=8).double().eval()
         model.load_state_dict(base.state_dict())
         with torch.no_grad():
             model.blocks[0].terms[0].field.q.weight.mul_(c * 20)

@@ -20,7 +20,7 @@ ATTENTION, FFN, HEAD = 672, 512, 160
 
 
 def tiny(**kw):
-    return SVFlowLM(V, D, HEADS, n_layers=2, d_ff=FF, max_len=T, **kw)
+    return SVFlowLM(V, D, HEADS, n_blocks=2, d_ff=FF, context=T, **kw)
 
 
 def test_hand_count():

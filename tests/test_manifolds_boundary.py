@@ -36,13 +36,17 @@ def test_points_projected_from_outside_are_pinned_and_flagged(c, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_solve_driven_outward_is_pinned_silently_and_flagged(dtype):
+def test_a_solve_driven_outward_is_pinned_by_projx_and_flagged(dtype):
     ball = geoopt.PoincareBall(c=1.0).to(dtype)
     x0 = ball.projx(0.05 * torch.randn(3, 4, dtype=dtype))
-    sol = solvers.integrate(lambda t, x: x, x0, torch.tensor([0.0, 1.0, 10.0], dtype=dtype),
-                            solver=solvers.RungeKutta(solvers.RK4), manifold=ball,
-                            controller=solvers.ConstantStepSize(step_size=0.1))
-    # The exact flow leaves the ball (|x| = 0.05 e^t); the solve stops at the clip radius, no error.
+    solve = lambda **kw: solvers.integrate(  # noqa: E731
+        lambda t, x: x, x0, torch.tensor([0.0, 1.0, 10.0], dtype=dtype), solver=solvers.RungeKutta(solvers.RK4),
+        manifold=ball, controller=solvers.ConstantStepSize(step_size=0.1), **kw)
+    # The exact flow leaves the ball (|x| = 0.05 e^t); projx would pin the state at the clip radius.
+    with pytest.raises(solvers.BoundaryError, match=r"numerical boundary of PoincareBall.* at step \d+ \(t="):
+        solve()
+    with pytest.warns(RuntimeWarning, match="numerical boundary"):
+        sol = solve(boundary="warn")
     assert [at_boundary(ball, y) for y in sol.ys] == [False, False, True]
     assert ball.check_point_on_manifold(sol.ys[-1])
 

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _lm(**kw):
-    return SVFlowLM(**{"vocab_size": 20, "d_model": 16, "n_heads": 2, "n_layers": 3, "max_len": 8, "init": "nanogpt", **kw})
+    return SVFlowLM(**{"vocab_size": 20, "d_model": 16, "n_heads": 2, "n_blocks": 3, "context": 8, "init": "nanogpt", **kw})
 
 
 def test_continuous_parameters_reproduce_the_per_step_stack_at_unit_steps():

@@ -19,11 +19,11 @@ sys.meta_path.insert(0, Block())
 import torch
 import manifolds, solvers, svflow_ode
 from svflow_ode.lm import SVFlowLM
-model = SVFlowLM(vocab_size=10, d_model=16, n_heads=2, n_layers=2, max_len=8)
+model = SVFlowLM(vocab_size=10, d_model=16, n_heads=2, n_blocks=2, context=8)
 ids = torch.randint(0, 10, (2, 8))
 out = model(ids, method="rk4", steps=4)
 assert out.logits.shape == (2, 8, 10) and out.stats.nfe == 32
-adaptive = SVFlowLM(vocab_size=10, d_model=16, n_heads=2, n_layers=2, max_len=8, method="dopri5", splitting="none")
+adaptive = SVFlowLM(vocab_size=10, d_model=16, n_heads=2, n_blocks=2, context=8, method="dopri5", splitting="none")
 assert adaptive(ids).stats.steps > 0
 print("core ok")
 """

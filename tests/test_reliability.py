@@ -104,7 +104,7 @@ class Poison(L.Callback):
 
 @pytest.mark.parametrize("scale", [1e30, math.nan])
 def test_the_guard_names_the_block_time_and_step_where_the_state_broke(tmp_path, scale):
-    model = LitSVFlow(SVFlowLM(vocab_size=32, d_model=16, n_heads=2, n_layers=2, max_len=15), max_steps=4)
+    model = LitSVFlow(SVFlowLM(vocab_size=32, d_model=16, n_heads=2, n_blocks=2, context=15), max_steps=4)
     trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path, plugins=[AtomicCheckpointIO()],
                         callbacks=[Poison(2, scale), FiniteGuard(dirpath=tmp_path)])
@@ -264,10 +264,10 @@ def test_a_checkpoint_of_another_shape_names_the_settings_that_differ(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("to be or not to be, that is the question\n" * 20)
     char = ["--data=CharDataModule", f"--data.path={corpus}", "--trainer.max_steps=1", checkpoints_every(1, "ck")]
-    run(["fit", *TINY, *char, "--data.block_size=16"])
+    run(["fit", *TINY, *char, "--data.context=16"])
     with pytest.raises(ValueError) as info:
-        run(["fit", *TINY, *char, "--data.block_size=24", "--trainer.max_steps=2", "--ckpt_path=ck/last.ckpt"])
+        run(["fit", *TINY, *char, "--data.context=24", "--trainer.max_steps=2", "--ckpt_path=ck/last.ckpt"])
     message = str(info.value)
-    assert "configuration entries differ: model.init_args.max_len: 16 (checkpoint) vs 24 (here)" in message
+    assert "configuration entries differ: model.init_args.context: 16 (checkpoint) vs 24 (here)" in message
     assert "model.embed.position.weight: (16, 16) in the checkpoint, (24, 16) here" in message
     assert "size mismatch" not in message

@@ -9,7 +9,7 @@ from svflow_ode.lm import SVFlowLM
 
 
 def _lm(**kw):
-    return SVFlowLM(**{"vocab_size": 20, "d_model": 16, "n_heads": 2, "n_layers": 2, "max_len": 8, **kw})
+    return SVFlowLM(**{"vocab_size": 20, "d_model": 16, "n_heads": 2, "n_blocks": 2, "context": 8, **kw})
 
 
 @pytest.mark.parametrize("method,gradient,steps", [

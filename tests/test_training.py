@@ -46,7 +46,7 @@ class UncheckedData(LMDataModule):
 
     def __init__(self, divisor: int = 0):
         super().__init__(batch_size=8, seed=0, val_size=8, test_size=8)
-        self.vocab_size, self.block_size = 8, 16 // divisor
+        self.vocab_size, self.context = 8, 16 // divisor
 
 
 def csv_logger(save_dir, name="run"):
@@ -79,8 +79,8 @@ def test_fast_dev_run_every_solver(method):
 
 def test_fast_dev_run_on_the_dyck_task():
     dyck = str(Path(BASE).with_name("dyck.yaml"))
-    cli = run(["fit", *TINY, f"--config={dyck}", "--data.block_size=16", "--trainer.fast_dev_run=true"])
-    assert cli.model.model.vocab_size == 6 and cli.model.model.max_len == 16  # linked from the data
+    cli = run(["fit", *TINY, f"--config={dyck}", "--data.context=16", "--trainer.fast_dev_run=true"])
+    assert cli.model.model.vocab_size == 6 and cli.model.model.context == 16  # linked from the data
     assert math.isfinite(cli.trainer.callback_metrics["val/loss"])
 
 
@@ -123,7 +123,7 @@ def test_optimizer_settings_that_every_comparison_lets_through_are_refused(setti
 
 @pytest.mark.parametrize("init", ["nanogpt", "fan_in"])
 def test_init_scales_linear_weights_by_fan_in_and_keeps_embeddings(init):
-    model = SVFlowLM(vocab_size=100, d_model=64, n_heads=4, n_layers=2, max_len=8, init=init)
+    model = SVFlowLM(vocab_size=100, d_model=64, n_heads=4, n_blocks=2, context=8, init=init)
     attention, ffn = (term.field for term in model.blocks[0].terms)
     fan_in = init == "fan_in"
     assert attention.q.weight.std().item() == pytest.approx(64**-0.5 if fan_in else 0.02, rel=0.1)
@@ -159,7 +159,7 @@ def test_wandb_runs_offline_without_network(tmp_path, monkeypatch):
         ("--trainer.max_steps=0", "trainer.max_steps=0 trains nothing: give a positive number of optimizer steps"),
         ("--trainer.max_steps=-1", "trainer.max_steps=-1 (no limit) leaves the learning-rate schedule without a "
                                    "length: give a positive trainer.max_steps, or model.max_steps"),
-        (f"--config={Path(BASE).with_name('dyck.yaml')} --data.block_size=0", "block_size >= 1, got 3, 8, 0.5, 0"),
+        (f"--config={Path(BASE).with_name('dyck.yaml')} --data.context=0", "context >= 1, got 3, 8, 0.5, 0"),
         ("--trainer.val_check_interval=0", "trainer.val_check_interval must be a positive number of steps"),
         ("--trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be >= 1, got 0"),
         ("--data.seed=-1", "seed must be >= 0, got -1"),
@@ -193,7 +193,7 @@ def test_help_explains_the_options(capsys):
 def test_sample_after_training_on_text(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("to be or not to be, that is the question\n" * 20)
-    cli = run(["fit", *TINY, "--data=CharDataModule", f"--data.path={corpus}", "--data.block_size=16",
+    cli = run(["fit", *TINY, "--data=CharDataModule", f"--data.path={corpus}", "--data.context=16",
                "--trainer.max_steps=2", "--trainer.val_check_interval=2", checkpointing(2), csv_logger(tmp_path)])
     ckpt = Path(cli.trainer.logger.log_dir) / "checkpoints" / "last.ckpt"
     text = sample(str(ckpt), prompt="to be", num_chars=40, seed=1)

@@ -21,12 +21,12 @@ CONFIGS = Path(__file__).parents[1] / "experiments" / "configs"
 
 def attention_lm(**kwargs) -> SVFlowLM:
     torch.manual_seed(0)
-    return SVFlowLM(7, d_model=8, n_heads=2, n_layers=2, max_len=6, **kwargs).double()
+    return SVFlowLM(7, d_model=8, n_heads=2, n_blocks=2, context=6, **kwargs).double()
 
 
-def moe_model(n_layers: int = 2) -> SVFlowLM:
+def moe_model(n_blocks: int = 2) -> SVFlowLM:
     torch.manual_seed(0)
-    model = moe_lm(7, d_model=8, n_layers=n_layers, n_experts=3, d_ff=8, max_len=6).double()
+    model = moe_lm(7, d_model=8, n_blocks=n_blocks, n_experts=3, d_ff=8, context=6).double()
     for expert in model.modules():  # scores of norm ~1, so that C_d(|f_e|) differs between experts
         if isinstance(expert, MoEField):
             for p in expert.experts.parameters():
@@ -134,7 +134,7 @@ ROLES = {
 @pytest.mark.parametrize("detach_p", [False, True])
 @pytest.mark.parametrize("part", sorted(ROLES))
 def test_gradients_reach_the_posteriors_and_through_p_unless_detached(part, detach_p):
-    model = moe_model(n_layers=1)
+    model = moe_model(n_blocks=1)
     plain = gradients(model)
     regularised = gradients(model, consistency_beta=1.0, consistency_parts=(part,), consistency_detach_p=detach_p)
     changed = {name for name in plain if not torch.allclose(plain[name], regularised[name], rtol=1e-9, atol=0)}

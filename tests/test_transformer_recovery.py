@@ -54,7 +54,7 @@ def _perturb_charts(model):
 @pytest.mark.parametrize("masked", [False, True])
 def test_euler_on_sphere_is_post_rmsnorm_transformer(dtype, tol, masked):
     torch.manual_seed(0)
-    model = SVFlowLM(50, D, HEADS, LAYERS, FF, max_len=T, norm="post_rms", init="nanogpt").to(dtype)
+    model = SVFlowLM(50, D, HEADS, LAYERS, FF, context=T, norm="post_rms", init="nanogpt").to(dtype)
     _perturb_charts(model)
     x0 = model.blocks[0].terms[0].manifold.base.projx(torch.randn(B, T, D, dtype=dtype))
     mask = torch.ones(B, T, dtype=torch.long)
@@ -91,7 +91,7 @@ def _copy_to_torch_layer(block, layer, norm_first):
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_euler_equals_torch_transformer_encoder_layer(norm_first, dtype, tol):
     torch.manual_seed(1)
-    model = SVFlowLM(50, D, HEADS, LAYERS, FF, max_len=T, norm="pre_ln" if norm_first else "post_ln").to(dtype)
+    model = SVFlowLM(50, D, HEADS, LAYERS, FF, context=T, norm="pre_ln" if norm_first else "post_ln").to(dtype)
     _perturb_charts(model)
     layers = [
         nn.TransformerEncoderLayer(D, HEADS, FF, dropout=0.0, activation="gelu", layer_norm_eps=1e-5,

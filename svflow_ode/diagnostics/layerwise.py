@@ -76,7 +76,7 @@ def layer_batches(
     over the layer's field evaluations); ``weight`` the total query weight, so that
     ``sum sums / sum weight`` over batches is the mean.
     """
-    n_layers = model.horizon
+    n_blocks = model.horizon
 
     def read(field, x, context):
         return attention_metrics(field, x, context.get("attention_mask"), options)
@@ -90,10 +90,10 @@ def layer_batches(
             out = model(ids, mask)
         w = query_weights(mask, ids.shape, options.queries)  # (B, 1, T)
         n_heads = records[0][1]["kl_qp"].shape[1]
-        sums = {m: torch.zeros(n_layers, n_heads, dtype=torch.float64) for m in METRICS}
-        calls = torch.zeros(n_layers, 1, dtype=torch.float64)
+        sums = {m: torch.zeros(n_blocks, n_heads, dtype=torch.float64) for m in METRICS}
+        calls = torch.zeros(n_blocks, 1, dtype=torch.float64)
         for t, metrics in records:
-            k = layer_of(t, n_layers)
+            k = layer_of(t, n_blocks)
             calls[k] += 1
             for m in METRICS:
                 value = metrics[m].cpu()

@@ -17,9 +17,9 @@ from torch import nn
 __all__ = ["on_calls", "replace_inputs", "layer_of"]
 
 
-def layer_of(t: float, n_layers: int) -> int:
-    """The layer whose time interval ``[k, k+1)`` holds ``t`` (the last one holds ``t = n_layers``)."""
-    return min(int(math.floor(float(t) + 1e-9)), n_layers - 1)
+def layer_of(t: float, n_blocks: int) -> int:
+    """The layer whose time interval ``[k, k+1)`` holds ``t`` (the last one holds ``t = n_blocks``)."""
+    return min(int(math.floor(float(t) + 1e-9)), n_blocks - 1)
 
 
 def _fields(model: nn.Module, kind: type) -> list[nn.Module]:

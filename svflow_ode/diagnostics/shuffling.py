@@ -52,10 +52,10 @@ def shuffle_prefix(
     return input_ids.scatter(1, chosen, moved)
 
 
-def layer_states(out, n_layers: int) -> list[torch.Tensor]:
-    """The states at integer times ``0..n_layers`` (after each layer) from a model's output."""
+def layer_states(out, n_blocks: int) -> list[torch.Tensor]:
+    """The states at integer times ``0..n_blocks`` (after each layer) from a model's output."""
     steps = len(out.hidden_states) - 1
-    return [out.hidden_states[round(k * steps / n_layers)] for k in range(n_layers + 1)]
+    return [out.hidden_states[round(k * steps / n_blocks)] for k in range(n_blocks + 1)]
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ __all__ = ["SVFlowCLI", "SVFlowParser", "OneLineErrors", "reserve_version", "run
 CONFIG_ERRORS = (ValueError, FileNotFoundError, MisconfigurationException)
 TRACEBACK_VARIABLE = "SVFLOW_ODE_TRACEBACK"  # set: errors while building keep their traceback
 # The model's sizes come from the data: these model entries are never the user's to set.
-LINKS = {"data.vocab_size": "model.model.init_args.vocab_size", "data.block_size": "model.model.init_args.max_len"}
+LINKS = {"data.vocab_size": "model.model.init_args.vocab_size", "data.context": "model.model.init_args.context"}
 
 
 class OneLineErrors:
@@ -80,8 +80,8 @@ def one_line(message) -> str:
 class SVFlowCLI(LightningCLI):
     """LightningCLI that sizes the model from the data and reports configuration errors early.
 
-    The model's ``vocab_size`` and ``max_len`` come from the data module's ``vocab_size`` and
-    ``block_size``. A ``ValueError``, ``FileNotFoundError`` or Lightning misconfiguration while
+    The model's ``vocab_size`` and ``context`` come from the data module's ``vocab_size`` and
+    ``context``. A ``ValueError``, ``FileNotFoundError`` or Lightning misconfiguration while
     building the data, model or trainer (an unknown solver, a bad step count, a missing file,
     conflicting trainer flags) ends the command with a one-line message and exit code 2, before
     anything is trained or written; so does any other error while building them (a class failing on

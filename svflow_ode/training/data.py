@@ -46,7 +46,7 @@ class _StepBatches(IterableDataset):
 class LMDataModule(L.LightningDataModule):
     """Base class of the next-token data modules.
 
-    Subclasses set ``vocab_size`` and ``block_size`` (the sequence length) in ``__init__`` and
+    Subclasses set ``vocab_size`` and ``context`` (the sequence length) in ``__init__`` and
     implement ``draw``.
 
     Args:
@@ -57,7 +57,7 @@ class LMDataModule(L.LightningDataModule):
     """
 
     vocab_size: int
-    block_size: int
+    context: int
 
     def __init__(self, batch_size: int, seed: int, val_size: int, test_size: int):
         super().__init__()
@@ -69,7 +69,7 @@ class LMDataModule(L.LightningDataModule):
         self.batch_size, self.seed, self.val_size, self.test_size = batch_size, seed, val_size, test_size
 
     def draw(self, n: int, generator: torch.Generator, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` examples ``(input_ids, labels)``, each ``(n, block_size)``, from ``split``'s data."""
+        """``n`` examples ``(input_ids, labels)``, each ``(n, context)``, from ``split``'s data."""
         raise NotImplementedError
 
     def val_set(self) -> TensorDataset:
@@ -99,12 +99,12 @@ class CharDataModule(LMDataModule):
 
     The first 90% of the characters train, the last 10% validate (the project's split); the
     vocabulary is the file's sorted characters and travels with the checkpoint. Training and
-    validation sequences are random windows of ``block_size + 1`` characters; the test set is every
+    validation sequences are random windows of ``context + 1`` characters; the test set is every
     non-overlapping window of the validation split.
 
     Args:
         path: the text file (UTF-8).
-        block_size: context length (characters per sequence).
+        context: context length (characters per sequence).
         batch_size: sequences per batch (per process).
         seed: seed of the training windows and of the validation windows.
         val_size: windows in the fixed validation set.
@@ -114,26 +114,26 @@ class CharDataModule(LMDataModule):
     def __init__(
         self,
         path: str,
-        block_size: int = 64,
+        context: int = 64,
         batch_size: int = 12,
         seed: int = 0,
         val_size: int = 2400,
         train_fraction: float = 0.9,
     ):
         super().__init__(batch_size, seed, val_size, test_size=1)
-        if block_size < 1 or not 0 < train_fraction < 1:
-            raise ValueError(f"need block_size >= 1 and 0 < train_fraction < 1, got {block_size}, {train_fraction}")
+        if context < 1 or not 0 < train_fraction < 1:
+            raise ValueError(f"need context >= 1 and 0 < train_fraction < 1, got {context}, {train_fraction}")
         text = _read_text(path)
         self.vocab = "".join(sorted(set(text)))
         index = {c: i for i, c in enumerate(self.vocab)}
         self.data = torch.tensor([index[c] for c in text], dtype=torch.long)
         self.n_train = int(train_fraction * len(text))
-        self.vocab_size, self.block_size = len(self.vocab), block_size
+        self.vocab_size, self.context = len(self.vocab), context
         for split, n in [("training", self.n_train), ("validation", len(text) - self.n_train)]:
-            if n <= block_size:
+            if n <= context:
                 raise ValueError(
-                    f"{path}: the {split} split has {n} characters, fewer than block_size + 1 = {block_size + 1}: "
-                    f"use a longer file or a shorter block_size"
+                    f"{path}: the {split} split has {n} characters, fewer than context + 1 = {context + 1}: "
+                    f"use a longer file or a shorter context"
                 )
 
     def _split(self, split: str) -> torch.Tensor:
@@ -141,15 +141,15 @@ class CharDataModule(LMDataModule):
 
     def draw(self, n, generator, split):
         data = self._split(split)
-        starts = torch.randint(len(data) - self.block_size, (n,), generator=generator)
-        windows = data[starts[:, None] + torch.arange(self.block_size + 1)]  # (n, T + 1)
+        starts = torch.randint(len(data) - self.context, (n,), generator=generator)
+        windows = data[starts[:, None] + torch.arange(self.context + 1)]  # (n, T + 1)
         return windows[:, :-1], windows[:, 1:]
 
     def test_set(self):
         data = self._split("test")
-        n = (len(data) - 1) // self.block_size
-        inputs = data[: n * self.block_size].view(n, self.block_size)
-        labels = data[1 : n * self.block_size + 1].view(n, self.block_size)
+        n = (len(data) - 1) // self.context
+        inputs = data[: n * self.context].view(n, self.context)
+        labels = data[1 : n * self.context + 1].view(n, self.context)
         return TensorDataset(inputs, labels)
 
     def state_dict(self) -> dict:

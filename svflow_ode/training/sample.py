@@ -27,11 +27,11 @@ def generate(
 ) -> torch.Tensor:
     """Append ``num_tokens`` sampled tokens to ``input_ids`` ``(B, T)``; returns ``(B, T + num_tokens)``.
 
-    The context is cropped to the model's ``max_len`` latest tokens (as nanoGPT).
+    The context is cropped to the model's ``context`` latest tokens (as nanoGPT).
     """
     _check_sampling(num_tokens, temperature, top_k, "num_tokens")
     for _ in range(num_tokens):
-        logits = model(input_ids[:, -model.max_len :]).logits[:, -1, :] / temperature  # (B, V)
+        logits = model(input_ids[:, -model.context :]).logits[:, -1, :] / temperature  # (B, V)
         if top_k is not None:
             kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
             logits = logits.masked_fill(logits < kth, float("-inf"))

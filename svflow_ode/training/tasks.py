@@ -56,7 +56,7 @@ class AssociativeRecallDataModule(LMDataModule):
             raise ValueError(f"n_values must be positive, got {n_values}")
         self.n_pairs, self.n_queries, self.n_keys, self.n_values = n_pairs, n_queries, n_keys, n_values
         self.vocab_size = n_keys + n_values
-        self.block_size = 2 * (n_pairs + n_queries) - 1  # the last answer is a label, never an input
+        self.context = 2 * (n_pairs + n_queries) - 1  # the last answer is a label, never an input
 
     def draw(self, n, generator, split):
         P, Q = self.n_pairs, self.n_queries
@@ -66,7 +66,7 @@ class AssociativeRecallDataModule(LMDataModule):
         pairs = torch.stack([keys, values], -1).flatten(1)  # (n, 2P)
         queries = torch.stack([keys.gather(1, asked), values.gather(1, asked)], -1).flatten(1)  # (n, 2Q)
         seq = torch.cat([pairs, queries], 1)  # (n, 2P + 2Q)
-        labels = torch.full((n, self.block_size), IGNORE)
+        labels = torch.full((n, self.context), IGNORE)
         answer_at = 2 * P + 2 * torch.arange(Q)  # positions of the query keys
         labels[:, answer_at] = seq[:, answer_at + 1]
         return seq[:, :-1], labels
@@ -83,7 +83,7 @@ class DyckDataModule(LMDataModule):
 
     Args:
         n_types: bracket kinds k.
-        block_size: sequence length.
+        context: sequence length.
         max_depth: the deepest nesting.
         p_open: probability of opening when both opening and closing are allowed.
         batch_size: sequences per batch (per process).
@@ -95,7 +95,7 @@ class DyckDataModule(LMDataModule):
     def __init__(
         self,
         n_types: int = 3,
-        block_size: int = 64,
+        context: int = 64,
         max_depth: int = 8,
         p_open: float = 0.5,
         batch_size: int = 64,
@@ -104,16 +104,16 @@ class DyckDataModule(LMDataModule):
         test_size: int = 1024,
     ):
         super().__init__(batch_size, seed, val_size, test_size)
-        if n_types < 1 or max_depth < 1 or not 0 < p_open < 1 or block_size < 1:
+        if n_types < 1 or max_depth < 1 or not 0 < p_open < 1 or context < 1:
             raise ValueError(
-                f"need n_types >= 1, max_depth >= 1, 0 < p_open < 1 and block_size >= 1, got {n_types}, {max_depth}, "
-                f"{p_open}, {block_size}"
+                f"need n_types >= 1, max_depth >= 1, 0 < p_open < 1 and context >= 1, got {n_types}, {max_depth}, "
+                f"{p_open}, {context}"
             )
         self.n_types, self.max_depth, self.p_open = n_types, max_depth, p_open
-        self.vocab_size, self.block_size = 2 * n_types, block_size
+        self.vocab_size, self.context = 2 * n_types, context
 
     def draw(self, n, generator, split):
-        k, T = self.n_types, self.block_size
+        k, T = self.n_types, self.context
         stack = torch.zeros(n, self.max_depth, dtype=torch.long)  # open kinds, innermost at depth - 1
         depth = torch.zeros(n, dtype=torch.long)
         rows = torch.arange(n)
