@@ -26,6 +26,8 @@ from tqdm import tqdm
 import manifolds
 import solvers
 
+from .worked_example import MLPField
+
 SPHERE = manifolds.Sphere(1.0)
 
 
@@ -60,19 +62,6 @@ class TrueField(nn.Module):
         return rotation + 0.8 * SPHERE.proju(x, bump)
 
 
-class NeuralField(nn.Module):
-    """An autonomous MLP field ``R^3 -> R^3``; the solver's strict mode makes it tangent."""
-
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(3, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 3)
-        )
-
-    def forward(self, t, x):
-        return self.net(x)  # (B, 3)
-
-
 def observe(field: nn.Module, x0: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
     """The exact trajectories of ``field`` from ``x0`` at ``times``: shape ``(T, B, 3)``."""
     with torch.no_grad():
@@ -99,7 +88,7 @@ def fit(cfg: Config, progress: bool = True) -> dict:
     observed = SPHERE.projx(train + cfg.noise * torch.randn_like(train))
     test = observe(true_field, x0_test, times)  # (T, n_test, 3)
 
-    model = NeuralField(cfg.hidden)
+    model = MLPField((3,), cfg.hidden)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.iters)
     losses = []
