@@ -16,26 +16,61 @@ import torch
 __all__ = ["AffineChart"]
 
 
+def _entries(n: int, kind: str) -> str:
+    return f"{n} {kind} {'entry' if n == 1 else 'entries'}"
+
+
+def _check_values(weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``weight`` is finite and non-zero and ``bias`` is finite."""
+    with torch.no_grad():
+        if bool(torch.isfinite(weight).all() & torch.isfinite(bias).all() & (weight != 0).all()):
+            return  # one read-back when all is well
+        for name, value in (("weight", weight), ("bias", bias)):
+            bad = ~torch.isfinite(value)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"AffineChart {name} has {_entries(int(bad.sum()), 'non-finite')} (first at index "
+                    f"{int(bad.nonzero()[0, 0])}: {value[bad][0].item()}); the chart needs finite values: "
+                    f"check where the {name} came from (a diverged run, a bad checkpoint)"
+                )
+        zero = weight == 0
+        if bool(zero.any()):
+            raise ValueError(
+                f"AffineChart weight has {_entries(int(zero.sum()), 'zero')} (first at index "
+                f"{int(zero.nonzero()[0, 0])}): the chart x = weight * s + bias is then not invertible "
+                f"(to_base divides by the weight); use non-zero weights, e.g. ones for a fresh gain"
+            )
+
+
 class AffineChart(geoopt.Manifold):
     """Image of ``base`` under ``s -> weight * s + bias`` (elementwise, last dimension).
 
     Args:
         base: the manifold the chart is laid on (e.g. ``LayerNormSphere``).
-        weight: per-coordinate scale, shape ``(d,)``; must be non-zero.
-        bias: per-coordinate shift, shape ``(d,)``.
+        weight: per-coordinate scale, shape ``(d,)``; finite and non-zero (``to_base`` divides by it).
+        bias: per-coordinate shift, shape ``(d,)``; finite.
+
+    The values are checked here, once (skipped while torch.compile traces, as a data-dependent
+    check would break the graph); a trainable weight is not watched after construction. ``check=False``
+    skips it, for charts derived from checked ones inside a forward pass (one host sync saved each).
     """
 
     name = "AffineChart"
     ndim = 1
     reversible = False
 
-    def __init__(self, base: geoopt.Manifold, weight: torch.Tensor, bias: torch.Tensor):
+    def __init__(self, base: geoopt.Manifold, weight: torch.Tensor, bias: torch.Tensor, *, check: bool = True):
         super().__init__()
         if weight.shape != bias.shape or weight.dim() != 1:
             raise ValueError(
                 f"weight and bias must be 1-D of equal shape, got {tuple(weight.shape)} and "
                 f"{tuple(bias.shape)}"
             )
+        check_dimension = getattr(base, "check_dimension", None)  # LayerNormSphere needs d >= 2
+        if check_dimension is not None:
+            check_dimension(weight.shape[0])
+        if check and not torch.compiler.is_compiling() and "meta" not in (weight.device.type, bias.device.type):
+            _check_values(weight, bias)
         self.base = base
         # Parameters train with the model; plain tensors (a fixed zero shift, an interpolated
         # chart) are buffers so that .to(dtype/device) moves them too.
