@@ -15,10 +15,19 @@ The action decides how algebra elements are stored: ``SphereAction`` and ``Stief
 dense ``n x n`` matrices (O(n^3) per token); ``LowRankSphereAction`` keeps them factored through
 the few vectors an RKMK step has seen (O(n) per token for a given number of stages), with the same
 results. An element only needs ``+`` and multiplication by a number.
+
+An RKMK step asks its action for a ``Frame`` (``frame(x, stages)``): the step's names for points
+and elements. The default frame uses the methods above as they are. ``LowRankSphereAction``'s
+frames compute a whole step in few, small operations (on CPU a step's cost is mostly the count of
+tensor operations, not their size): in coordinates of the span of ``x`` and the step's field
+values (``_SpanFrame``), or on the 2-sphere with so(3) as R^3 and the cross product
+(``_CrossFrame``); both apply ``exp`` to a point by its Taylor polynomial, at the degree that
+keeps it within the dtype's rounding.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -28,7 +37,7 @@ import torch.nn.functional as F
 from .sphere import Sphere
 from .stiefel import Stiefel
 
-__all__ = ["LowRankSkew", "LowRankSphereAction", "SOnAction", "SphereAction", "StiefelAction", "bracket"]
+__all__ = ["Frame", "LowRankSkew", "LowRankSphereAction", "SOnAction", "SphereAction", "StiefelAction", "bracket"]
 
 # Bernoulli numbers B_0..B_4 in dexpinv(theta, k) = sum_j B_j / j! ad_theta^j (k).
 _BERNOULLI_OVER_FACTORIAL = (1.0, -1.0 / 2.0, 1.0 / 12.0, 0.0, -1.0 / 720.0)
@@ -61,6 +70,10 @@ class SOnAction:
             if _BERNOULLI_OVER_FACTORIAL[j]:
                 out = out + _BERNOULLI_OVER_FACTORIAL[j] * ad
         return out
+
+    def frame(self, x: torch.Tensor, size: int) -> Frame:
+        """The workspace of one RKMK step from ``x`` that takes at most ``size`` field values."""
+        return Frame(self, x)
 
 
 class SphereAction(SOnAction):
@@ -160,7 +173,9 @@ class LowRankSphereAction(SOnAction):
       last column of ``expm([[S G, S P^T x], [0, 0]])`` (a ``(k + 1) x (k + 1)`` exponential, no
       inverse); ``exp`` only records ``theta`` and ``act`` does this.
 
-    Points have shape ``(..., n)``. Matches ``SphereAction`` to rounding.
+    Points have shape ``(..., n)``. Matches ``SphereAction`` to rounding. An RKMK step does not
+    use these elements: its ``frame`` (``_CrossFrame`` for ``n = 3``, else ``_SpanFrame``) works in
+    coordinates of the same span, with far fewer operations.
     """
 
     def __init__(self, manifold: Sphere | None = None):
@@ -190,6 +205,243 @@ class LowRankSphereAction(SOnAction):
         block = torch.cat([top, torch.zeros_like(top[..., :1, :])], -2)  # (..., k + 1, k + 1)
         w = torch.linalg.matrix_exp(block)[..., :k, k:]  # (..., k, 1): phi(S G) S P^T x
         return x + (w * pt).sum(-2)
+
+    def frame(self, x: torch.Tensor, size: int) -> Frame:
+        return _CrossFrame(x) if x.shape[-1] == 3 else _SpanFrame(x, size)
+
+
+class Frame:
+    """The workspace of one RKMK step from the point ``x``: how the step names its points and
+    algebra elements.
+
+    A step needs the generators of field values (``generator``, and ``corrected``: the generator
+    passed through ``dexpinv``), sums of elements (``+`` and multiplication by a number), and the
+    points ``exp(theta) x``: ``move(theta)`` returns a handle to one, ``point(handle)`` the tensor;
+    ``base`` is the handle of ``x``. This one, the default, uses the action's elements and points
+    as they are; ``LowRankSphereAction``'s frames compute in coordinates.
+    """
+
+    def __init__(self, action: SOnAction, x: torch.Tensor):
+        self.action, self.base = action, x
+
+    def point(self, p):
+        return p
+
+    def generator(self, p, u: torch.Tensor):
+        return self.action.generator(p, u)
+
+    def corrected(self, theta, p, u: torch.Tensor, order: int):
+        """``dexpinv(theta, generator(p, u), order)``."""
+        return self.action.dexpinv(theta, self.action.generator(p, u), order)
+
+    def move(self, theta):
+        return self.action.act(self.action.exp(theta), self.base)
+
+
+class _SpanFrame(Frame):
+    """An RKMK step on the sphere in coordinates of the span of its vectors: O(n) per token and
+    few operations on small matrices.
+
+    Every point and field value of a step from ``x`` lies in the span of ``B = [x, u_1, ..., u_s]``,
+    ``x`` and the step's field values (a stage point is ``exp(theta) x`` with ``theta`` on the span
+    of the earlier ones), with Gram matrix ``G = B^T B``. A point is its coordinates ``c`` (the
+    point ``B c``); an element is ``theta = B S B^T`` with ``S`` skew, zero on the columns not
+    filled yet; ``M = S G`` acts on coordinates as ``theta`` acts on points (``theta B = B M``):
+
+    - the generator of ``u`` at ``B c`` is ``S = (e_j c^T - c e_j^T) / r^2``, ``u`` the column ``j``;
+    - ``exp(theta) x = B exp(M) e_0``, by the Taylor polynomial (``_taylor_degree``) with the
+      powers ``M^i e_0`` computed two at a time, ``M^2 [M^(2i) e_0, M^(2i+1) e_0]``;
+    - ``ad_theta`` is a derivation, ``[theta, a ^ b] = (theta a) ^ b + a ^ (theta b)`` (``a ^ b =
+      a b^T - b a^T``), so ``ad_theta^m (e_j ^ c) = sum_l C(m, l) (M^l e_j) ^ (M^(m-l) c)``:
+      ``dexpinv`` of a generator takes matrix-vector products, not brackets of matrices.
+
+    The small matrices are stored batch-last, ``(s + 1, s + 1, *batch)``: a product of tiny
+    matrices is then one broadcast product and one sum (a batched matmul of 5 x 5 matrices is
+    several times slower on CPU, its backward more). The elements are ``SphereAction``'s in other
+    coordinates: results match to rounding.
+    """
+
+    def __init__(self, x: torch.Tensor, size: int):
+        self.size = k = size + 1  # x and the field values
+        self.const = _constants(k, x.dim() - 1, x.dtype, x.device)
+        self.base = self.const.eye[0]  # the coordinates of x
+        self.columns = [x]
+        self.padding = [torch.zeros_like(x)] * (k - 1)
+        r2 = x.pow(2).sum(-1)
+        self.inv_r2 = 1.0 / r2
+        self.gram = self.const.pattern[0] * r2  # (k, k, *batch); the columns to come are zero
+        self.last = (None, None)  # theta and M of the last move
+
+    def _append(self, u: torch.Tensor) -> int:
+        j = len(self.columns)
+        if j >= self.size:
+            raise ValueError(f"this frame takes {self.size - 1} field values: it cannot take another")
+        self.columns.append(u)
+        self.rows = torch.stack(self.columns + self.padding[j:], 0)  # B^T, (k, *batch, n)
+        # Row and column j of G are B^T u; the diagonal entry is halved, then counted twice.
+        half = self.const.row[j] * (self.rows * u).sum(-1)
+        self.gram = self.gram + half + half.transpose(0, 1)
+        return j
+
+    def point(self, c: torch.Tensor) -> torch.Tensor:
+        if c is self.base:
+            return self.columns[0]
+        return (c.unsqueeze(-1) * self.rows).sum(0)
+
+    def generator(self, c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        j = self._append(u)
+        if c is self.base:
+            return self.const.pattern[j] * self.inv_r2
+        half = self.const.eye[j].unsqueeze(1) * (c * self.inv_r2)  # e_j c^T / r^2
+        return half - half.transpose(0, 1)
+
+    def corrected(self, theta: torch.Tensor, c: torch.Tensor, u: torch.Tensor, order: int) -> torch.Tensor:
+        j = self._append(u)
+        terms = max(order - 1, 1)  # dexpinv keeps ad^m for m < terms
+        c = c * self.inv_r2
+        if terms == 1:
+            half = self.const.eye[j].unsqueeze(1) * c
+            return half - half.transpose(0, 1)
+        # theta's row j is zero, so M^l e_j (l >= 1) and c have no e_j part, and on them M is the
+        # M of the move that made c (G without column j).
+        last, m = self.last
+        if last is not theta:
+            m = _matmul(theta, self.gram)
+        us, cs = [self.const.eye[j].expand_as(c), (theta * self.gram[j]).sum(1)], [c]  # M e_j = S G e_j
+        for _ in range(2, terms):
+            u_next, c_next = _matmul(m, torch.stack([us[-1], cs[-1]], 1)).unbind(1)
+            us.append(u_next)
+            cs.append(c_next)
+        cs.append((m * cs[-1]).sum(1))
+        # dexpinv = sum_m b_m sum_l C(m, l) u_l ^ c_(m-l) = sum_l u_l ^ w_l, w_l = sum_i b_(l+i) C(l+i, l) c_i.
+        w = (torch.stack(cs, 1).unsqueeze(1) * self.const.dexpinv[terms]).sum(2)  # (k, terms, *batch)
+        half = (torch.stack(us, 1).unsqueeze(1) * w).sum(2)  # sum_l u_l w_l^T
+        return half - half.transpose(0, 1)
+
+    def move(self, theta: torch.Tensor) -> torch.Tensor:
+        m = _matmul(theta, self.gram)
+        m2 = _matmul(m, m)
+        self.last = (theta, m)
+        # |theta|_2^2 <= |theta|_F^2 / 2 = -tr(M^2) / 2.
+        degree = _degree(lambda: -0.5 * m2.diagonal(0, 0, 1).sum(-1).min().item(), m.dtype)
+        if degree is None:
+            return torch.linalg.matrix_exp(m.movedim((0, 1), (-2, -1)))[..., 0].movedim(-1, 0)
+        blocks = [torch.stack([self.const.eye[0].expand_as(m[:, 0]), m[:, 0]], 1)]  # [e_0, M e_0]
+        while 2 * len(blocks) <= degree:
+            blocks.append(_matmul(m2, blocks[-1]))
+        powers = torch.cat(blocks, 1) if len(blocks) > 1 else blocks[0]  # (k, degree + 1 or 2, *batch)
+        return (powers * _inverse_factorials(powers, 1)).sum(1)
+
+
+class _CrossFrame(Frame):
+    """An RKMK step on the 2-sphere (``n = 3``): so(3) is R^3 with the cross product.
+
+    The generator ``(u x^T - x u^T) / r^2`` is ``v -> w x v`` with ``w = x x u / r^2``, the bracket
+    is the cross product of the vectors, and ``exp(theta) x`` is the Taylor polynomial of
+    ``w x .`` applied to ``x`` (``_taylor_degree``). The elements are ``SphereAction``'s written as
+    vectors: results match to rounding.
+    """
+
+    def __init__(self, x: torch.Tensor):
+        self.base = x
+        self.inv_r2 = 1.0 / x.pow(2).sum(-1, keepdim=True)
+
+    def generator(self, p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.cross(p, u) * self.inv_r2
+
+    def corrected(self, theta: torch.Tensor, p: torch.Tensor, u: torch.Tensor, order: int) -> torch.Tensor:
+        out = ad = self.generator(p, u)
+        for j in range(1, max(order - 1, 1)):
+            ad = torch.linalg.cross(theta, ad)
+            if _BERNOULLI_OVER_FACTORIAL[j]:
+                out = torch.add(out, ad, alpha=_BERNOULLI_OVER_FACTORIAL[j])
+        return out
+
+    def move(self, theta: torch.Tensor) -> torch.Tensor:
+        x = self.base
+        degree = _degree(lambda: theta.pow(2).sum(-1).max().item(), x.dtype)  # |theta|_2 = |w|
+        if degree is None:
+            return (torch.linalg.matrix_exp(_hat(theta)) @ x.unsqueeze(-1)).squeeze(-1)
+        powers = [x]
+        for _ in range(degree):
+            powers.append(torch.linalg.cross(theta, powers[-1]))
+        powers = torch.stack(powers, 0)
+        return (powers * _inverse_factorials(powers, 0)).sum(0)
+
+
+def _hat(w: torch.Tensor) -> torch.Tensor:
+    """The skew matrix of ``v -> w x v``."""
+    zero = torch.zeros_like(w[..., 0])
+    w1, w2, w3 = w.unbind(-1)
+    return torch.stack([zero, -w3, w2, w3, zero, -w1, -w2, w1, zero], -1).unflatten(-1, (3, 3))
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for batch-last matrices ``(k, k, *batch)`` and ``(k, r, *batch)``."""
+    return (a.unsqueeze(2) * b).sum(1)
+
+
+class _Constants(NamedTuple):
+    eye: torch.Tensor  # (k, k, 1, ...): eye[j] is e_j, (k, 1, ...)
+    row: list  # e_j (1 - e_j / 2)^T: row[j] * g puts g in row j, its entry j halved
+    pattern: list  # e_j e_0^T - e_0 e_j^T for j > 0, e_0 e_0^T for j = 0
+    dexpinv: dict  # terms -> (1, terms, terms, 1, ...): W[l, i] = b_(l+i) C(l+i, l) for l + i < terms
+
+
+_CONSTANTS = {}
+
+
+def _constants(k: int, batch_dims: int, dtype, device) -> _Constants:
+    """A frame's constants, shaped for coordinates ``(k, *batch)``."""
+    key = (k, batch_dims, dtype, device)
+    if key not in _CONSTANTS:
+        ones = (1,) * batch_dims
+        eye = torch.eye(k, dtype=dtype, device=device).reshape(k, k, *ones)
+        pattern = [e.unsqueeze(1) * eye[0] - eye[0].unsqueeze(1) * e for e in eye]
+        pattern[0] = eye[0].unsqueeze(1) * eye[0]
+        dexpinv = {t: torch.tensor([[_BERNOULLI_OVER_FACTORIAL[l + i] * math.comb(l + i, l) if l + i < t else 0.0
+                                     for i in range(t)] for l in range(t)], dtype=dtype, device=device)
+                   .reshape(1, t, t, *ones) for t in range(1, len(_BERNOULLI_OVER_FACTORIAL) + 1)}
+        row = [e.unsqueeze(1) * (1.0 - 0.5 * e) for e in eye]
+        _CONSTANTS[key] = _Constants(eye, row, pattern, dexpinv)
+    return _CONSTANTS[key]
+
+
+def _inverse_factorials(powers: torch.Tensor, dim: int) -> torch.Tensor:
+    """``1 / i!`` along dimension ``dim`` (the power ``i``) of ``powers``, broadcast over the rest."""
+    shape = [1] * powers.dim()
+    shape[dim] = powers.shape[dim]
+    key = (tuple(shape), powers.dtype, powers.device)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor([1.0 / math.factorial(i) for i in range(shape[dim])], dtype=powers.dtype,
+                                       device=powers.device).reshape(shape)
+    return _CONSTANTS[key]
+
+
+def _degree(norm2, dtype) -> int | None:
+    """The Taylor degree for an operator whose squared spectral norm is at most ``norm2()`` (read
+    back from the tensors: the degree is data-dependent); None under ``torch.compile``."""
+    if torch.compiler.is_compiling():
+        return None
+    return _taylor_degree(math.sqrt(max(norm2(), 0.0)), dtype)
+
+
+def _taylor_degree(norm: float, dtype) -> int | None:
+    """The degree ``m`` at which the Taylor polynomial of ``exp`` applied to a unit vector is
+    within a quarter of ``dtype``'s epsilon for an operator of norm at most ``norm``, its
+    derivative too (the tail from ``norm^m / m!``); None past ``_TAYLOR_MAX_NORM``."""
+    if not norm <= _TAYLOR_MAX_NORM:  # also NaN
+        return None
+    tol = 0.25 * torch.finfo(dtype).eps
+    term, m = 1.0, 0
+    while True:  # the tail sum_{j >= m} norm^j / j! <= term / (1 - norm / (m + 1))
+        if term <= tol * (1.0 - norm / (m + 1)):
+            return max(m, 1)
+        m += 1
+        term *= norm / m
+
+
+_TAYLOR_MAX_NORM = 2.0
 
 
 class StiefelAction(SOnAction):

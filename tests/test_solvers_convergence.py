@@ -93,13 +93,14 @@ def test_exact_sphere_caps_runge_kutta_at_second_order_and_stays_on_the_sphere(m
     assert max(abs(y.norm().item() - 2.5) for y in ends) < 1e-12
 
 
+@pytest.mark.parametrize("dim", [3, D])  # the 2-sphere steps with so(3) as R^3, the others in coordinates
 @pytest.mark.parametrize("tableau", [solvers.HEUN, solvers.RK4], ids=lambda tab: tab.name)
-def test_rkmk_solves_agree_on_the_low_rank_and_the_dense_sphere_action(tableau):
+def test_rkmk_solves_agree_on_the_low_rank_and_the_dense_sphere_action(tableau, dim):
     # A nonlinear field with a normal part, several points at once, large steps.
     sphere = manifolds.Sphere(2.5)
-    w = torch.randn(D, D, dtype=F64)
+    w = torch.randn(dim, dim, dtype=F64)
     f = lambda t, x: 3.0 * torch.tanh(x @ w.T) * (1 + t)  # noqa: E731
-    x0 = sphere.projx(torch.randn(3, D, dtype=F64))
+    x0 = sphere.projx(torch.randn(3, dim, dtype=F64))
     ends = [
         solvers.integrate(f, x0, torch.tensor([0.0, T], dtype=F64), solver=solvers.RKMK(tableau, action),
                           manifold=sphere, controller=solvers.ConstantStepSize(steps=4)).ys[-1]
