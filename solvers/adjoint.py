@@ -30,8 +30,9 @@ def adjoint_solve(term, plan, y0, ts, solver, controller, check, adjoint_params)
 
     if not (isinstance(solver, RungeKutta) and solver.strict):
         raise ValueError(
-            f"the adjoint is sound for a Runge-Kutta solver in strict mode (a tangent field), got {solver!r}; "
-            f"use gradient='checkpoint' for Lie-group, split or relaxed solvers"
+            f"the adjoint is sound for a Runge-Kutta solver in strict mode (a tangent field), got {solver!r} on "
+            f"{' '.join(repr(term(plan[0][0][2])[1]).split())}; use gradient='checkpoint' for Lie-group, split or "
+            f"relaxed solvers"
         )
     if adjoint_params is None:
         fields = [term(i)[0] for i in sorted({p for interval in plan for _, _, p in interval})]
@@ -66,7 +67,9 @@ def adjoint_solve(term, plan, y0, ts, solver, controller, check, adjoint_params)
                 with torch.enable_grad():
                     y = y.detach().requires_grad_(True)
                     value = F(t, y)
-                    vjps = torch.autograd.grad(value, (y, *params), -a, allow_unused=True)
+                    # retain_graph: a field may close over tensors computed from the parameters
+                    # outside it, whose graph every evaluation's product goes through again.
+                    vjps = torch.autograd.grad(value, (y, *params), -a, allow_unused=True, retain_graph=True)
                 parts = [value.detach()] + [torch.zeros_like(x) if v is None else v for v, x in zip(vjps, (y, *params))]
                 return torch.cat([part.reshape(-1) for part in parts])
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from importlib import metadata
 
-__all__ = ["given_hyperparameters", "torchdiffeq_solvers"]
+__all__ = ["given_hyperparameters", "torchdiffeq_solvers", "upstream_defect"]
 
 
 def given_hyperparameters() -> dict | None:
@@ -41,6 +41,43 @@ def torchdiffeq_solvers() -> dict:
     """
     # The module, not the function of the same name that torchdiffeq._impl exports.
     return _private("torchdiffeq", "torchdiffeq._impl.odeint", "SOLVERS", "0.2.5")
+
+
+def _parts(manifold):
+    """The manifold, or the parts of a geoopt product manifold, recursively."""
+    import geoopt
+
+    if isinstance(manifold, geoopt.ProductManifold):
+        return [p for m in manifold.manifolds for p in _parts(m)]
+    return [manifold]
+
+
+def upstream_defect(manifold, gradient: str, fixed_steps: bool) -> str | None:
+    """What breaks the backward pass of a solve on ``manifold`` in a known geoopt 0.5.1 defect, or None.
+
+    - geoopt's Stereographic family (PoincareBall, ...) and Lorentz compute in TorchScript
+      functions that ``torch.utils.checkpoint`` cannot recompute (the backward pass fails in the
+      TorchScript interpreter): two-level checkpointing of fixed steps breaks there.
+    - ``geoopt.EuclideanStiefel.retr`` fixes its QR signs in place, so backprop through any step
+      fails with "modified by an inplace operation"; ``manifolds.Stiefel`` does it out of place.
+
+    The forward pass is sound in both, so the solve goes on and its backward pass raises this message
+    before autograd reaches the defect (``integrate`` hooks it onto the solution).
+    """
+    import geoopt
+
+    for part in _parts(manifold):
+        if gradient == "checkpoint" and fixed_steps and isinstance(part, (geoopt.Stereographic, geoopt.Lorentz)):
+            return (
+                f"gradient='checkpoint' on {type(part).__name__}: geoopt computes it in TorchScript functions that "
+                f"torch.utils.checkpoint cannot recompute; use gradient='backprop' or 'adjoint' (or an adaptive method)"
+            )
+        if gradient == "backprop" and type(part) is geoopt.EuclideanStiefel:
+            return (
+                "gradient='backprop' on geoopt.EuclideanStiefel: its retr fixes the QR signs in place, which breaks "
+                "the backward pass; use manifolds.Stiefel (the same manifold, out of place) or gradient='checkpoint'"
+            )
+    return None
 
 
 def _private(package: str, module: str, name: str, written_against: str):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import partial
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable
 
 import geoopt
 import torch
@@ -21,6 +21,7 @@ from manifolds import at_boundary, check_contract
 
 from .base import Piecewise, Term
 from .checkpointing import checkpointed_steps
+from .compat import upstream_defect
 from .controllers import ConstantStepSize, PIController
 from .errors import BoundaryError, NonFiniteError, OffManifoldError, StepSizeError, describe
 
@@ -102,7 +103,13 @@ def check_on_manifold(y0: torch.Tensor, manifold) -> None:
     on the manifold to float32's precision, and the first retraction takes it the rest of the way.
     """
     tol = 1e-2 if y0.dtype in (torch.float16, torch.bfloat16) else 1e-5
-    ok, reason = manifold.check_point_on_manifold(y0.detach(), explain=True, atol=tol, rtol=tol)
+    try:
+        ok, reason = manifold.check_point_on_manifold(y0.detach(), explain=True, atol=tol, rtol=tol)
+    except RuntimeError as error:  # e.g. geoopt's Lorentz keeps its curvature in float32
+        raise ValueError(
+            f"{manifold!r} cannot check a {y0.dtype} point ({' '.join(str(error).split())[:120]}); if the manifold "
+            f"holds parameters of another dtype, move it to y0's: manifold.to({y0.dtype})"
+        ) from error
     if not ok:
         gap = (manifold.projx(y0.detach()) - y0.detach()).abs().max().item()
         raise OffManifoldError(
@@ -256,8 +263,15 @@ def integrate(
     recompute = gradient == "checkpoint" and torch.is_grad_enabled()
     stats = SolveStats()
     run = _adaptive if adaptive else _fixed
-    ys = run(term, plan, y0, solver, controller, stats, recompute, check)
-    return Solution(torch.tensor(ts, dtype=y0.dtype, device=y0.device), torch.stack(ys), stats)
+    ys = torch.stack(run(term, plan, y0, solver, controller, stats, recompute, check))
+    defect = None if torch.compiler.is_compiling() else upstream_defect(term(plan[0][0][2])[1], gradient, not adaptive)
+    if defect is not None and ys.requires_grad:  # a clear error before autograd reaches the defect
+        ys.register_hook(partial(_refuse, defect))
+    return Solution(torch.tensor(ts, dtype=y0.dtype, device=y0.device), ys, stats)
+
+
+def _refuse(message: str, grad):
+    raise ValueError(message)
 
 
 def _fixed(term, plan, x, solver, controller: ConstantStepSize, stats, recompute, check):

@@ -24,8 +24,12 @@ SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, suppress_h
 @st.composite
 def problems(draw, methods=tuple(FIXED)):
     """A manifold, an initial point, a random smooth field and solve options."""
-    kind = draw(st.sampled_from(["sphere", "sphere_exact", "layernorm", "euclidean"]))
-    method = draw(st.sampled_from([m for m in methods if kind in ("sphere", "sphere_exact") or not m.startswith("rkmk")]))
+    # Lie-group methods need a sphere; SphereExact's exponential retraction caps Runge-Kutta methods
+    # at order 2, so higher orders are refused there (tests/test_support_matrix.py).
+    pairs = [(kind, m) for kind in ("sphere", "sphere_exact", "layernorm", "euclidean") for m in methods
+             if (kind in ("sphere", "sphere_exact") or not m.startswith("rkmk"))
+             and not (kind == "sphere_exact" and m in ("rk4", "bosh3", "dopri5"))]
+    kind, method = draw(st.sampled_from(pairs))
     d = draw(st.integers(3, 8))
     batch = draw(st.lists(st.integers(1, 3), min_size=0, max_size=2))
     radius = draw(st.floats(0.1, 10.0))

@@ -84,7 +84,9 @@ def test_solvers_stay_on_a_poincare_ball(method):
 
 @pytest.mark.parametrize("method", ["euler", "rk4", "rkmk4", "dopri5"])
 def test_solvers_stay_on_a_stiefel_manifold(method):
-    stiefel = geoopt.EuclideanStiefel()
+    # geoopt's own EuclideanStiefel for Runge-Kutta; ours for RKMK (geoopt's SVD projx has a NaN
+    # gradient at orthonormal matrices, so rkmk is refused on it).
+    stiefel = manifolds.Stiefel() if method.startswith("rkmk") else geoopt.EuclideanStiefel()
     a = torch.randn(5, 5)
     a = (a - a.T) / 2
     w = torch.randn(2, 2)
