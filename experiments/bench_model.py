@@ -51,7 +51,7 @@ class PlainLM(nn.Module):
         self.head.weight = self.tok.weight
 
     def forward(self, idx):
-        x = self.ln(self.tok(idx) + self.pos(torch.arange(idx.shape[1])))
+        x = self.ln(self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device)))
         for block in self.blocks:
             x = block(x)
         return self.head(x)
