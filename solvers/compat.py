@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from importlib import metadata
 
-__all__ = ["given_hyperparameters", "torchdiffeq_solvers", "upstream_defect"]
+__all__ = ["given_hyperparameters", "is_torchdiffeq_adjoint_backward", "torchdiffeq_solvers", "upstream_defect"]
 
 
 def given_hyperparameters() -> dict | None:
@@ -41,6 +41,22 @@ def torchdiffeq_solvers() -> dict:
     """
     # The module, not the function of the same name that torchdiffeq._impl exports.
     return _private("torchdiffeq", "torchdiffeq._impl.odeint", "SOLVERS", "0.2.5")
+
+
+def is_torchdiffeq_adjoint_backward(func) -> bool:
+    """Whether torchdiffeq hands a solver ``func`` to solve its adjoint's backward pass.
+
+    torchdiffeq 0.2.5's ``odeint_adjoint`` solves a local function named ``augmented_dynamics``
+    (``torchdiffeq/_impl/adjoint.py``), wrapped in its private ``_PerturbFunc``/``_TupleFunc``
+    classes, each keeping the wrapped function as ``base_func``.
+    """
+    for _ in range(8):  # the wrappers nest a few deep
+        if getattr(func, "__name__", None) == "augmented_dynamics":
+            return True
+        func = getattr(func, "base_func", None)
+        if func is None:
+            return False
+    return False
 
 
 def _parts(manifold):

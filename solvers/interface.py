@@ -5,7 +5,7 @@ from __future__ import annotations
 import geoopt
 import torch
 
-from .compat import torchdiffeq_solvers
+from .compat import is_torchdiffeq_adjoint_backward, torchdiffeq_solvers
 from .defaults import ATOL, METHOD, RTOL
 from .methods import METHODS, OPTIONS, make_controller, make_solver
 from .solve import integrate
@@ -112,6 +112,14 @@ def _plugin(method):
         """torchdiffeq solver class that runs one of our methods (see ``register_torchdiffeq``)."""
 
         def __init__(self, func, y0, rtol, atol, norm=None, manifold=None, **options):
+            if is_torchdiffeq_adjoint_backward(func):
+                # Its adjoint differentiates the field as given, not its tangent projection, and
+                # its augmented state is no point of the manifold: its gradients would be wrong.
+                raise ValueError(
+                    f"torchdiffeq.odeint_adjoint's backward pass cannot run {TORCHDIFFEQ_PREFIX + method!r}: it "
+                    f"differentiates the field off the manifold; use solvers.odeint_adjoint, which solves the "
+                    f"adjoint of the tangent field"
+                )
             if manifold is None:
                 raise ValueError(
                     f"method {TORCHDIFFEQ_PREFIX + method!r} needs options={{'manifold': M, ...}}; "
@@ -143,8 +151,10 @@ def register_torchdiffeq() -> tuple[str, ...]:
     Pass the manifold and our options through torchdiffeq's ``options``, e.g.
     ``torchdiffeq.odeint(f, y0, t, method="manifold_rk4", options={"manifold": Sphere(), "step_size": 0.1})``.
     For gradients with flat memory use ``solvers.odeint_adjoint``, which projects the field onto
-    the tangent space itself; torchdiffeq's own ``odeint_adjoint`` would solve the adjoint of the
-    field as given, in R^n. Idempotent; returns the registered names.
+    the tangent space itself: torchdiffeq's own ``odeint_adjoint`` would solve the adjoint of the
+    field as given, in R^n, so our names refuse to run its backward pass (its forward pass may
+    use them, with ``adjoint_method`` one of torchdiffeq's own). Idempotent; returns the registered
+    names.
     """
     registry = torchdiffeq_solvers()
     names = []

@@ -87,3 +87,35 @@ def test_torchdiffeq_solvers_is_the_registry_torchdiffeq_odeint_reads():
         assert torch.equal(ys, torch.full((2, 2), 2.0))
     finally:
         del registry["_compat_probe"]
+
+
+def test_is_torchdiffeq_adjoint_backward_tells_its_backward_solve_from_a_forward_one():
+    # torchdiffeq._impl.adjoint's local augmented_dynamics, wrapped in _PerturbFunc/_TupleFunc.
+    import torchdiffeq
+
+    registry, seen = compat.torchdiffeq_solvers(), []
+
+    class Probe:
+        def __init__(self, func, y0, rtol, atol, **options):
+            seen.append(compat.is_torchdiffeq_adjoint_backward(func))
+            self.func, self.y0 = func, y0
+
+        @classmethod
+        def valid_callbacks(cls):
+            return set()
+
+        def integrate(self, t):  # one Euler step per interval: enough to run both passes
+            ys = [self.y0]
+            for a, b in zip(t[:-1], t[1:]):
+                ys.append(ys[-1] + (b - a) * self.func(a, ys[-1]))
+            return torch.stack(ys)
+
+    registry["_compat_probe"] = Probe
+    try:
+        w = torch.nn.Linear(2, 2)
+        ys = torchdiffeq.odeint_adjoint(lambda t, y: w(y), torch.ones(2), torch.tensor([0.0, 1.0]),
+                                        method="_compat_probe", adjoint_params=tuple(w.parameters()))
+        ys.sum().backward()
+    finally:
+        del registry["_compat_probe"]
+    assert seen == [False, True]

@@ -196,3 +196,12 @@ def test_torchdiffeq_option_names_work_or_are_refused_with_the_list():
     solvers.register_torchdiffeq()
     with pytest.raises(ValueError, match="needs options=\\{'manifold': M"):
         torchdiffeq.odeint(field, y0, t, method="manifold_rk4")
+
+
+def test_torchdiffeqs_adjoint_cannot_run_our_methods_backwards_silently():
+    # Its backward pass differentiates the field as given, off the manifold (wrong gradients for a
+    # field with a normal part), on an augmented state that is no point of the sphere.
+    solvers.register_torchdiffeq()
+    sphere = manifolds.Sphere(2.0)
+    with pytest.raises(ValueError, match="use solvers.odeint_adjoint, which solves the adjoint of the tangent field"):
+        gradients(torchdiffeq.odeint_adjoint, method="manifold_rk4", options={"manifold": sphere, "step_size": 0.1})
