@@ -31,7 +31,7 @@ def adjoint_solve(term, plan, y0, ts, solver, controller, check, adjoint_params)
     if not (isinstance(solver, RungeKutta) and solver.strict):
         raise ValueError(
             f"the adjoint is sound for a Runge-Kutta solver in strict mode (a tangent field), got {solver!r} on "
-            f"{' '.join(repr(term(plan[0][0][2])[1]).split())}; use gradient='checkpoint' for Lie-group, split or "
+            f"{' '.join(repr(term(plan[0][0][2] if plan else 0)[1]).split())}; use gradient='checkpoint' for Lie-group, split or "
             f"relaxed solvers"
         )
     if adjoint_params is None:
@@ -42,7 +42,7 @@ def adjoint_solve(term, plan, y0, ts, solver, controller, check, adjoint_params)
                 "nn.Module, so pass them (e.g. adjoint_params=(A,)), as torchdiffeq.odeint_adjoint asks"
             )
         adjoint_params = tuple({id(p): p for f in fields for p in f.parameters()}.values())
-    params = tuple(adjoint_params)
+    params = tuple(p for p in adjoint_params if p.requires_grad)  # frozen ones get no gradient
     run = _adaptive if isinstance(controller, PIController) else _fixed
     backward_solver = RungeKutta(solver.tableau, "relaxed")
     euclidean = geoopt.Euclidean()

@@ -84,6 +84,8 @@ def _tuple_odeint(func, y0: tuple, t, method, manifold, rtol, atol, options, adj
             raise ValueError(f"the field must return a tuple of {len(shapes)} tensors shaped like y0's parts")
         return torch.cat([o.reshape(-1) for o in out])
 
+    if adjoint_params is None and isinstance(func, torch.nn.Module):  # the wrapper hides func's parameters
+        adjoint_params = tuple(func.parameters())
     ys = odeint(field, flat, t, method=method, manifold=product, rtol=rtol, atol=atol, options=options,
                 adjoint_params=adjoint_params)
     return tuple(torch.stack(parts) for parts in zip(*(unflatten(y) for y in ys)))

@@ -246,11 +246,12 @@ def integrate(
         return field_, (default if m is None else m)
 
     check = _StateCheck(check_finite, boundary)
+    first_piece = plan[0][0][2] if plan else 0  # with a single output time there is nothing to plan
     if not torch.compiler.is_compiling():  # data-dependent checks would break the traced graph
         # The sum first: far cheaper than an elementwise check, and non-finite whenever an entry is.
         if check_finite and not math.isfinite(y0.detach().sum().item()) and not torch.isfinite(y0).all():
             raise NonFiniteError(f"y0 contains NaN or infinite entries: {describe(y0)}")
-        first = term(plan[0][0][2] if plan else 0)[1]
+        first = term(first_piece)[1]
         if solver.strict:
             check_on_manifold(y0, first)
         _check_contract_once(first, y0, solver.strict)
@@ -264,7 +265,7 @@ def integrate(
     stats = SolveStats()
     run = _adaptive if adaptive else _fixed
     ys = torch.stack(run(term, plan, y0, solver, controller, stats, recompute, check))
-    defect = None if torch.compiler.is_compiling() else upstream_defect(term(plan[0][0][2])[1], gradient, not adaptive)
+    defect = None if torch.compiler.is_compiling() else upstream_defect(term(first_piece)[1], gradient, not adaptive)
     if defect is not None and ys.requires_grad:  # a clear error before autograd reaches the defect
         ys.register_hook(partial(_refuse, defect))
     return Solution(torch.tensor(ts, dtype=y0.dtype, device=y0.device), ys, stats)
@@ -330,18 +331,18 @@ def _adaptive(term, plan, x, solver, ctrl: PIController, stats, recompute, check
         return out
 
     step = (lambda *a: checkpoint(attempt, *a, use_reentrant=False)) if recompute else attempt
-    ys, piece, h, prev_error, dense_ok, j = [x], None, None, 1.0, True, 0
+    ys, h, prev_error, dense_ok, j = [x], None, 1.0, True, 0
     for a, b, p in segments:
         direction = 1.0 if b > a else -1.0
         t = a
-        if p != piece:  # a new field: start afresh from its value here
-            piece, (f, m) = p, term(p)
-            k = evaluate(lambda c: solver.field_value(c.wrap(f), torch.tensor(t, dtype=x.dtype), x, m))
-            if not torch.isfinite(k).all():
-                raise NonFiniteError(f"the field is non-finite at t={t:.6g}, where the solve (re)starts: {describe(k)}")
-            if h is None:
-                h = evaluate(lambda c: ctrl.initial_step(c.wrap(f), t, x, k, solver.order, m, direction))
-            k = k if solver.fsal else None
+        # Each segment is a new field (they are merged by piece): start afresh from its value here.
+        f, m = term(p)
+        k = evaluate(lambda c: solver.field_value(c.wrap(f), torch.tensor(t, dtype=x.dtype), x, m))
+        if not torch.isfinite(k).all():
+            raise NonFiniteError(f"the field is non-finite at t={t:.6g}, where the solve (re)starts: {describe(k)}")
+        if h is None:
+            h = evaluate(lambda c: ctrl.initial_step(c.wrap(f), t, x, k, solver.order, m, direction))
+        k = k if solver.fsal else None
         while (b - t) * direction > 0:
             if stats.nfe >= ctrl.max_nfe or stats.steps >= ctrl.max_steps:
                 cap = f"NFE cap {ctrl.max_nfe}" if stats.nfe >= ctrl.max_nfe else f"step cap {ctrl.max_steps}"

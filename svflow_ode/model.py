@@ -235,7 +235,8 @@ class SVFlow(nn.Module):
         Fixed-step methods return the state after every step, except when checkpointing with
         gradients enabled: the two ends only (holding every state would undo the memory saving).
         Adaptive methods (bosh3, dopri5: ``rtol``/``atol``/``max_nfe``) and the adjoint return the
-        states at the block boundaries, or the two ends for shared parameters.
+        states at the breaks of the field: the block boundaries for per-step parameters (and for
+        continuous ones under adaptive steps), else the two ends.
         """
         solver = self._solver(method)
         self._check_steps(steps)

@@ -176,3 +176,48 @@ def test_adjoint_refuses_relaxed_mode_and_lie_group_methods():
             solvers.odeint_adjoint(field, y0, T, method=method, manifold=SPHERE)
     with pytest.raises(ValueError, match="computes its own gradients"):
         solvers.odeint_adjoint(field, y0, T, manifold=SPHERE, options={"gradient": "checkpoint"})
+
+
+def test_a_single_output_time_returns_the_start():
+    x0 = manifolds.Sphere(1.0).projx(torch.randn(3, dtype=F64))
+    for method in ("rk4", "dopri5"):
+        ys = solvers.odeint(lambda t, x: x.roll(1, -1), x0, torch.tensor([0.5], dtype=F64), method=method,
+                            manifold=manifolds.Sphere(1.0))
+        assert ys.shape == (1, 3) and torch.equal(ys[0], x0)
+
+
+def test_the_adjoint_leaves_frozen_parameters_alone_and_reads_a_modules_parameters_through_a_tuple():
+    sphere = manifolds.Sphere(1.0)
+
+    class Field(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.randn(3, 3, dtype=F64))
+            self.frozen = torch.nn.Parameter(torch.randn(3, 3, dtype=F64), requires_grad=False)
+
+        def forward(self, t, x):
+            return torch.tanh(x @ self.a.T) + x @ self.frozen.T
+
+    field, x0 = Field(), sphere.projx(torch.randn(3, dtype=F64))
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    solvers.odeint_adjoint(field, x0, t, method="rk4", manifold=sphere, options={"steps": 8})[-1].sum().backward()
+    adjoint = field.a.grad.clone()
+    field.a.grad = None
+    solvers.odeint(field, x0, t, method="rk4", manifold=sphere, options={"steps": 8})[-1].sum().backward()
+    torch.testing.assert_close(adjoint, field.a.grad, rtol=0, atol=1e-3)  # rk4 at h = 1/8: the flows' gap
+    assert field.frozen.grad is None
+
+    class TupleField(torch.nn.Module):  # a module on a tuple state: its parameters are found as on a tensor
+        def __init__(self):
+            super().__init__()
+            self.inner = field
+
+        def forward(self, t, y):
+            x, s = y
+            return self.inner(t, x), (x * x).sum(-1, keepdim=True)
+
+    field.a.grad = None
+    ys = solvers.odeint_adjoint(TupleField(), (x0, torch.zeros(1, dtype=F64)), t, method="rk4",
+                                manifold=(sphere, None), options={"steps": 8})
+    ys[0][-1].sum().backward()
+    assert field.a.grad is not None and torch.isfinite(field.a.grad).all()
