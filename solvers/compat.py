@@ -1,7 +1,11 @@
 """Every private upstream API this project touches lives here.
 
 One function per private name, each saying which upstream version it was written against; import
-private upstream names nowhere else. It sits in ``solvers``, the lowest package that reaches
+private upstream names nowhere else. One private hook is overridden rather than called, so it cannot be wrapped here:
+``geoopt.Sphere._project_on_subspace`` (geoopt 0.5.1), through which ``manifolds.LayerNormSphere``
+restricts geoopt's ``proju`` (and its own ``projx``) to the mean-zero plane; ``manifolds``
+sits below this package, and ``tests/test_compat.py`` checks that geoopt still calls the hook.
+This module sits in ``solvers``, the lowest package that reaches
 upstream privates, so that ``svflow_ode`` (Lightning's) and ``solvers`` (torchdiffeq's) share it;
 nothing is imported until a function is called, so the core install needs none of the packages. ``tests/test_compat.py`` has a test per function that fails
 loudly when the name disappears or stops doing what the function relies on: after an upgrade, run

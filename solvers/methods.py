@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import geoopt
 
-from manifolds import LowRankSphereAction, SphereExact, Stiefel, StiefelAction
+from manifolds import LayerNormSphere, LowRankSphereAction, SphereExact, Stiefel, StiefelAction
 
 from .controllers import ConstantStepSize, PIController
 from .defaults import ATOL, RTOL
@@ -55,7 +55,8 @@ def _action_for(method: str, manifold):
             "Euclidean metric and finite derivatives"
         )
     if isinstance(manifold, geoopt.Sphere):
-        if type(manifold)._project_on_subspace is not geoopt.Sphere._project_on_subspace:
+        # A sphere within a subspace: ours within the mean-zero plane, geoopt's with an intersection.
+        if isinstance(manifold, LayerNormSphere) or getattr(manifold, "projector", None) is not None:
             raise ValueError(
                 refuse + "the sphere's SO(n) action turns x towards the field value without removing the part "
                 "that leaves its subspace (the mean-zero plane of LayerNormSphere), so the solve converges to "

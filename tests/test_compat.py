@@ -119,3 +119,15 @@ def test_is_torchdiffeq_adjoint_backward_tells_its_backward_solve_from_a_forward
     finally:
         del registry["_compat_probe"]
     assert seen == [False, True]
+
+
+def test_geoopts_sphere_still_restricts_through_the_subspace_hook_layernormsphere_overrides():
+    # geoopt.Sphere._project_on_subspace: geoopt's proju calls it, and manifolds.LayerNormSphere
+    # (whose proju is geoopt's, scaled) overrides it to stay in the mean-zero plane. If geoopt
+    # stopped calling it, LayerNormSphere's tangent vectors would silently keep a mean.
+    from manifolds import LayerNormSphere
+
+    sphere = LayerNormSphere()
+    x = sphere.projx(torch.randn(4, 8, dtype=torch.float64))
+    u = sphere.proju(x, torch.randn(4, 8, dtype=torch.float64))
+    assert u.mean(-1).abs().max() < 1e-12 and (x * u).sum(-1).abs().max() < 1e-12
