@@ -15,6 +15,7 @@ from . import defaults
 from .base import AdaptiveSolver, Piecewise, Solver, StepResult, Term
 from .checkpointing import checkpointed_steps
 from .controllers import ConstantStepSize, PIController
+from .divergence import DIVERGENCE_METHODS, divergence
 from .errors import BoundaryError, NonFiniteError, OffManifoldError, SolverError, StepSizeError
 from .interface import odeint, odeint_adjoint, register_torchdiffeq
 from .lie_group import RKMK
@@ -29,6 +30,6 @@ __all__ = [
     "AdaptiveSolver", "Piecewise", "Solver", "StepResult", "Term",
     "ConstantStepSize", "PIController", "RKMK", "RungeKutta", "Split",
     "ADAPTIVE", "METHODS", "make_controller", "make_solver", "odeint", "odeint_adjoint", "register_torchdiffeq",
-    "GRADIENT_MODES", "Solution", "SolveStats", "checkpointed_steps", "defaults", "integrate", "SCHEMES",
+    "DIVERGENCE_METHODS", "divergence", "GRADIENT_MODES", "Solution", "SolveStats", "checkpointed_steps", "defaults", "integrate", "SCHEMES",
     "BoundaryError", "NonFiniteError", "OffManifoldError", "SolverError", "StepSizeError",
 ]
