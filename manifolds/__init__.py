@@ -20,6 +20,7 @@ adds:
 from geoopt import Euclidean
 
 from .boundary import at_boundary, boundary_margin
+from .distributions import StandardNormal, UniformSphere, VonMisesFisher
 from .chart import AffineChart
 from .contract import ManifoldContractError, check_contract
 from .lie import LowRankSkew, LowRankSphereAction, SOnAction, SphereAction, StiefelAction, bracket
@@ -36,11 +37,14 @@ __all__ = [
     "RMSSphere",
     "SOnAction",
     "SpecialOrthogonal",
+    "StandardNormal",
     "Sphere",
     "SphereAction",
     "SphereExact",
     "Stiefel",
     "StiefelAction",
+    "UniformSphere",
+    "VonMisesFisher",
     "at_boundary",
     "boundary_margin",
     "bracket",

@@ -14,6 +14,7 @@ torchdiffeq-style façade: ``solvers.odeint(f, y0, t, method="rk4", manifold=Sph
 from . import defaults
 from .base import AdaptiveSolver, Piecewise, Solver, StepResult, Term
 from .checkpointing import checkpointed_steps
+from .cnf import CNF
 from .controllers import ConstantStepSize, PIController
 from .divergence import DIVERGENCE_METHODS, divergence
 from .errors import BoundaryError, NonFiniteError, OffManifoldError, SolverError, StepSizeError
@@ -28,7 +29,7 @@ from .tableau import BOSH3, DOPRI5, EULER, HEUN, MIDPOINT, RK4, ButcherTableau
 __all__ = [
     "BOSH3", "DOPRI5", "EULER", "HEUN", "MIDPOINT", "RK4", "ButcherTableau",
     "AdaptiveSolver", "Piecewise", "Solver", "StepResult", "Term",
-    "ConstantStepSize", "PIController", "RKMK", "RungeKutta", "Split",
+    "CNF", "ConstantStepSize", "PIController", "RKMK", "RungeKutta", "Split",
     "ADAPTIVE", "METHODS", "make_controller", "make_solver", "odeint", "odeint_adjoint", "register_torchdiffeq",
     "DIVERGENCE_METHODS", "divergence", "GRADIENT_MODES", "Solution", "SolveStats", "checkpointed_steps", "defaults", "integrate", "SCHEMES",
     "BoundaryError", "NonFiniteError", "OffManifoldError", "SolverError", "StepSizeError",

@@ -1,0 +1,69 @@
+"""A continuous normalising flow on a manifold: a base distribution pushed along a field.
+
+Along ``x' = F(t, x)`` (``F`` the field's tangent projection) the log-density changes at the rate
+``-div F``: ``log p_T(x(T)) = log p_0(x(0)) - int_0^T div F(x(t)) dt``. Each method solves the state
+and the log-density change together, as one tuple state ``(x, L)`` on ``manifold x R``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .divergence import divergence
+from .interface import odeint
+
+__all__ = ["CNF"]
+
+
+class CNF(nn.Module):
+    """``log_prob``, ``sample`` and ``sample_and_log_prob`` of a flow on a manifold.
+
+    Args:
+        field: the field ``field(t, x)`` (an ``nn.Module``: its parameters train).
+        manifold: where the points live (see ``solvers.divergence`` for the supported ones).
+        base: the distribution at ``t = 0``, with ``log_prob`` and ``sample`` (``manifolds.distributions``).
+        horizon: the time ``T`` the flow runs for.
+        method, options: the solver, as ``solvers.odeint`` takes them (default rk4 with 20 steps).
+        divergence_method: "exact" or "hutchinson" (see ``solvers.divergence``).
+    """
+
+    def __init__(self, field: nn.Module, manifold, base, *, horizon: float = 1.0, method: str = "rk4",
+                 options: dict | None = None, divergence_method: str = "exact"):
+        super().__init__()
+        self.field, self.manifold, self.base, self.horizon = field, manifold, base, float(horizon)
+        self.method = method
+        self.options = {"steps": 20} if options is None and method not in ("bosh3", "dopri5") else dict(options or {})
+        self.divergence_method = divergence_method
+
+    def _solve(self, x: torch.Tensor, t0: float, t1: float, sign: float):
+        """``(x(t1), L(t1))`` from ``(x, 0)`` at ``t0``, with ``L' = sign * div F``."""
+        def augmented(t, y):
+            point = y[0]
+            rate = divergence(self.field, t, point, self.manifold, method=self.divergence_method)
+            return self.manifold.proju(point, self.field(t, point)), sign * rate[..., None]
+
+        zero = torch.zeros(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
+        t = torch.tensor([t0, t1], dtype=x.dtype)
+        xs, ls = odeint(augmented, (x, zero), t, method=self.method, manifold=(self.manifold, None),
+                        options=self.options)
+        return xs[-1], ls[-1, ..., 0]
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """``log p_T(x)``: the flow run back to the base, plus the base's log-density there."""
+        tol = 1e-5 if x.dtype == torch.float64 else 1e-3
+        ok, reason = self.manifold.check_point_on_manifold(x.detach(), explain=True, atol=tol, rtol=tol)
+        if not ok:
+            raise ValueError(f"log_prob was asked at points off {self.manifold!r}: {reason}")
+        z, change = self._solve(x, self.horizon, 0.0, 1.0)  # L(0) = -int_0^T div F dt
+        return self.base.log_prob(z) + change
+
+    def sample(self, n: int, *, generator=None, dtype=torch.float64) -> torch.Tensor:
+        z = self.base.sample(n, dtype=dtype, generator=generator)
+        return odeint(self.field, z, torch.tensor([0.0, self.horizon], dtype=dtype), method=self.method,
+                      manifold=self.manifold, options=self.options)[-1]
+
+    def sample_and_log_prob(self, n: int, *, generator=None, dtype=torch.float64):
+        z = self.base.sample(n, dtype=dtype, generator=generator)
+        x, change = self._solve(z, 0.0, self.horizon, -1.0)
+        return x, self.base.log_prob(z) + change
