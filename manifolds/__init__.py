@@ -20,7 +20,7 @@ adds:
 from geoopt import Euclidean
 
 from .boundary import at_boundary, boundary_margin
-from .distributions import StandardNormal, UniformSphere, VonMisesFisher
+from .distributions import HaarSO3, StandardNormal, UniformSphere, VonMisesFisher
 from .chart import AffineChart
 from .contract import ManifoldContractError, check_contract
 from .lie import LowRankSkew, LowRankSphereAction, SOnAction, SphereAction, StiefelAction, bracket
@@ -30,6 +30,7 @@ from .stiefel import SpecialOrthogonal, Stiefel, polar
 __all__ = [
     "AffineChart",
     "Euclidean",
+    "HaarSO3",
     "LayerNormSphere",
     "LowRankSkew",
     "LowRankSphereAction",

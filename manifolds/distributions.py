@@ -12,7 +12,7 @@ import torch
 
 from .sphere import Sphere
 
-__all__ = ["StandardNormal", "UniformSphere", "VonMisesFisher"]
+__all__ = ["HaarSO3", "StandardNormal", "UniformSphere", "VonMisesFisher"]
 
 
 class StandardNormal:
@@ -86,6 +86,39 @@ class VonMisesFisher:
         v = v - (v @ mu)[:, None] * mu  # a direction orthogonal to mu
         v = v / v.norm(dim=-1, keepdim=True)
         return w[:, None] * mu + torch.sqrt((1 - w * w).clamp_min(0))[:, None] * v
+
+
+class HaarSO3:
+    """The uniform (Haar) distribution on SO(3), as ``manifolds.SpecialOrthogonal`` embeds it in R^{3x3}.
+
+    The density is one over the volume in the metric the divergence uses, the Frobenius inner
+    product of ``R^{3x3}``: a tangent ``R hat(w)`` has squared length ``2 |w|^2``, so the volume is
+    ``(sqrt 2)^3`` times the ``8 pi^2`` of the unit-speed metric, ``16 sqrt(2) pi^2``. Samples are
+    the QR factor of a Gaussian matrix with the signs fixed (Mezzadri 2007), its determinant made +1.
+    """
+
+    log_volume = math.log(16 * math.sqrt(2) * math.pi**2)
+
+    def __init__(self):
+        from .stiefel import SpecialOrthogonal
+
+        self.manifold = SpecialOrthogonal()
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (3, 3):
+            raise ValueError(f"points of SO(3) are 3 x 3 matrices, got shape {tuple(x.shape)}")
+        tol = 1e-5 if x.dtype == torch.float64 else 1e-3
+        ok, reason = self.manifold.check_point_on_manifold(x.detach(), explain=True, atol=tol, rtol=tol)
+        if not ok:
+            raise ValueError(f"a density on SO(3) was asked at points off it: {reason}")
+        return torch.full(x.shape[:-2], -self.log_volume, dtype=x.dtype, device=x.device)
+
+    def sample(self, n: int, *, dtype=None, generator=None) -> torch.Tensor:
+        q, r = torch.linalg.qr(torch.randn(n, 3, 3, dtype=dtype, generator=generator))
+        q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)  # Haar on O(3)
+        flip = torch.ones(n, 3, dtype=q.dtype)
+        flip[:, -1] = torch.det(q)  # the reflections, to rotations: still Haar on SO(3)
+        return q * flip.unsqueeze(-2)
 
 
 def _check_shape(x: torch.Tensor, d: int) -> None:

@@ -24,7 +24,8 @@ class CNF(nn.Module):
         manifold: where the points live (see ``solvers.divergence`` for the supported ones).
         base: the distribution at ``t = 0``, with ``log_prob`` and ``sample`` (``manifolds.distributions``).
         horizon: the time ``T`` the flow runs for.
-        method, options: the solver, as ``solvers.odeint`` takes them (default rk4 with 20 steps).
+        method, options: the solver, as ``solvers.odeint`` takes them (default rk4 with 20 steps;
+            ``options["gradient"]`` picks backprop, checkpoint or the adjoint).
         divergence_method: "exact" or "hutchinson" (see ``solvers.divergence``).
     """
 
@@ -45,8 +46,10 @@ class CNF(nn.Module):
 
         zero = torch.zeros(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
         t = torch.tensor([t0, t1], dtype=x.dtype)
+        # The augmented field is a closure: under the adjoint, name the parameters it differentiates.
+        params = tuple(self.field.parameters()) if self.options.get("gradient") == "adjoint" else None
         xs, ls = odeint(augmented, (x, zero), t, method=self.method, manifold=(self.manifold, None),
-                        options=self.options)
+                        options=self.options, adjoint_params=params)
         return xs[-1], ls[-1, ..., 0]
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:

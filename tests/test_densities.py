@@ -80,3 +80,52 @@ def test_log_prob_trains_and_refuses_points_off_the_sphere():
         cnf.log_prob(2 * x)
     with pytest.raises(ValueError, match="mu must have 3 entries"):
         VonMisesFisher(torch.ones(4, dtype=F64), 1.0)
+
+
+def _euler_zyz(a, b, c):
+    def rz(t):
+        ct, st = torch.cos(t), torch.sin(t)
+        z, o = torch.zeros_like(t), torch.ones_like(t)
+        return torch.stack([torch.stack([ct, -st, z]), torch.stack([st, ct, z]), torch.stack([z, z, o])])
+
+    def ry(t):
+        ct, st = torch.cos(t), torch.sin(t)
+        z, o = torch.zeros_like(t), torch.ones_like(t)
+        return torch.stack([torch.stack([ct, z, st]), torch.stack([z, o, z]), torch.stack([-st, z, ct])])
+
+    return rz(a) @ ry(b) @ rz(c)
+
+
+def test_haar_so3_density_is_one_over_the_frobenius_volume():
+    # The volume element of the Euler-angle chart in the Frobenius metric, from its Jacobian:
+    # sqrt(det(J^T J)) = 2 sqrt(2) sin(beta), so the volume is 2 sqrt(2) (2 pi)(2)(2 pi) = 16 sqrt(2) pi^2.
+    for angles in ([0.3, 1.1, -0.7], [2.0, 0.4, 1.3]):
+        J = torch.autograd.functional.jacobian(lambda v: _euler_zyz(*v).reshape(-1), torch.tensor(angles, dtype=F64))
+        element = torch.sqrt(torch.det(J.T @ J)).item()
+        assert element == pytest.approx(2 * math.sqrt(2) * math.sin(angles[1]), rel=1e-12)
+    haar = manifolds.HaarSO3()
+    x = haar.sample(4000, dtype=F64, generator=torch.Generator().manual_seed(3))
+    assert haar.log_prob(x).exp()[0].item() * 16 * math.sqrt(2) * math.pi**2 == pytest.approx(1.0, rel=1e-12)
+    assert (torch.det(x) - 1).abs().max() < 1e-12
+    assert (x.transpose(-1, -2) @ x - torch.eye(3, dtype=F64)).abs().max() < 1e-12
+    # Haar moments: E[R] = 0 and E[R_ij^2] = 1/3.
+    assert x.mean(0).abs().max() < 4 / math.sqrt(3 * len(x))
+    assert (x.pow(2).mean(0) - 1 / 3).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("gradient", ["checkpoint", "adjoint"])
+def test_cnf_gradients_by_checkpoint_and_adjoint_match_backprop(gradient):
+    x = manifolds.Sphere(1.0).projx(torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(5)))
+
+    def grads(options):
+        field = Field()
+        cnf = CNF(field, manifolds.Sphere(1.0), UniformSphere(3), options=options)
+        cnf.log_prob(x).sum().backward()
+        return torch.cat([p.grad.flatten() for p in field.parameters()])
+
+    steps = 3 if gradient == "checkpoint" else 10  # checkpointing reruns the divergence's double backward: slow
+    reference = grads({"steps": steps})
+    got = grads({"steps": steps, "gradient": gradient})
+    # checkpoint recomputes backprop exactly; the adjoint is the exact flow's gradient (rk4's error at h = 0.1).
+    assert reference.abs().max() > 0.1
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-12 if gradient == "checkpoint" else 1e-4)
