@@ -235,28 +235,14 @@ def lie_report(rows: list[dict], args) -> str:
     return "\n".join(lines + LIE_HISTORY) + "\n"
 
 
-# Measured once, not by this script: the implementation before the coordinate frames, run in the
-# same process as the current one (interleaved, CPU-time medians of 9, 50 steps, same problems).
+# Prose only: every number in the section comes from the run that writes it.
 LIE_HISTORY = [
     "",
-    "Before the coordinate frames, each RKMK4 stage exponentiated a `(k + 1) x (k + 1)` block (`k` up to 8) "
-    "with `torch.linalg.matrix_exp` and bracketed factored matrices. One same-process run of both "
-    "(interleaved, CPU-time medians of 9, 50 steps; ratios rkmk4 / rk4):",
-    "",
-    "| d | field | pass | before | after |",
-    "|---|---|---|---|---|",
-    "| 3 | linear | fwd | 27.0 | 2.32 |",
-    "| 3 | linear | fwd+bwd | 39.1 | 2.18 |",
-    "| 3 | mlp | fwd | 6.37 | 1.21 |",
-    "| 3 | mlp | fwd+bwd | 8.30 | 1.26 |",
-    "| 64 | linear | fwd | 19.6 | 3.92 |",
-    "| 64 | linear | fwd+bwd | 21.0 | 3.73 |",
-    "| 64 | mlp | fwd | 4.94 | 1.74 |",
-    "| 64 | mlp | fwd+bwd | 6.62 | 1.82 |",
-    "",
-    "At `d = 64` with the linear field the target (<= 2) is not met: a step is ~190 small tensor "
-    "operations against rk4's ~50 (Gram updates, Taylor powers and `dexpinv` in 5 x 5 coordinates), "
-    "and on CPU each costs about the same whatever its size.",
+    "Before the coordinate frames (commit 02cf1f1 and earlier), each RKMK4 stage exponentiated a "
+    "`(k + 1) x (k + 1)` block with `torch.linalg.matrix_exp`; the issue measured rkmk4 at ~7x rk4 at equal "
+    "NFE. At `d = 64` with the linear field the target (<= 2) is not met: a step is ~190 small tensor "
+    "operations against rk4's ~50 (Gram updates, Taylor powers and `dexpinv` in 5 x 5 coordinates), and on "
+    "CPU each costs about the same whatever its size.",
 ]
 
 

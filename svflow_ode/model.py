@@ -160,9 +160,14 @@ class SVFlow(nn.Module):
         self._solver(method)  # fail early on bad names and combinations
         self._check_steps(self.steps)
 
-    def _check_adjoint(self, charts: bool) -> None:
+    def _step_mode(self) -> str:
+        """The solver's mode: on Euclidean states strict and relaxed steps are the same method, and
+        strict is the one the adjoint accepts."""
         euclidean = all(isinstance(t.manifold, geoopt.Euclidean) for b in self.blocks for t in b.terms)
-        if charts or not (self.mode == "strict" or euclidean):
+        return "strict" if euclidean else self.mode
+
+    def _check_adjoint(self, charts: bool) -> None:
+        if charts or self._step_mode() != "strict":
             raise ValueError(
                 "gradient='adjoint' solves the adjoint of a tangent field (mode='strict'); this model steps "
                 "by the relaxed retraction (post-LN/post-RMS charts or mode='relaxed'), whose steps have no "
@@ -177,12 +182,8 @@ class SVFlow(nn.Module):
             raise ValueError(
                 f"adaptive methods integrate one field: use splitting='none' with {method!r} (got {self.splitting!r})"
             )
-        # On Euclidean states strict and relaxed steps are the same method; strict is the one the
-        # adjoint accepts.
-        euclidean = all(isinstance(t.manifold, geoopt.Euclidean) for b in self.blocks for t in b.terms)
-        mode = "strict" if euclidean else self.mode
         splitting = None if self.splitting == "none" else self.splitting
-        return make_solver(method, self.blocks[0].terms[0].manifold, mode, splitting)
+        return make_solver(method, self.blocks[0].terms[0].manifold, self._step_mode(), splitting)
 
     def _check_steps(self, steps: int) -> None:
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
