@@ -1,6 +1,6 @@
 """Character data and a plain PyTorch training loop for the small models of the diagnostics experiments.
 
-Tiny Shakespeare (``../shared/data/tinyshakespeare.txt``, first 90% train, last 10% validation)
+Tiny Shakespeare (shipped: ``svflow_ode.training.data.CORPORA``; first 90% train, last 10% validation)
 when present, otherwise a generated text (``generated_text``), so the experiments run anywhere.
 The loop takes a ``forward(model, input_ids) -> (output, extra loss)`` (for balancing or
 consistency terms computed during the one forward pass) and a ``probe(model, step)`` for
@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from svflow_ode.training.data import CORPORA
+
 __all__ = ["DATA", "CharData", "generated_text", "train", "validation_loss"]
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+DATA = CORPORA["tinyshakespeare"]
 
 
 def generated_text(n_chars: int = 200_000, seed: int = 0) -> str:

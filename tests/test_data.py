@@ -146,3 +146,13 @@ def test_gaussian_mixture_points_follow_their_components():
     assert torch.equal(dm.val_set.tensors[0], GaussianMixtureDataModule(3, 4.0, 0.5, 3000, 300).val_set.tensors[0])
     batch = next(iter(dm.train_dataloader()))
     assert batch[0].shape == (256, 2)
+
+
+def test_shipped_corpus_is_tiny_shakespeare_by_name():
+    """The configs name the shipped corpus; it is the standard file (length, vocabulary) and the split holds."""
+    dm = CharDataModule("tinyshakespeare", context=64, val_size=12)
+    assert len(dm.data) == 1_115_394 and dm.vocab_size == 65
+    assert dm.n_train == int(0.9 * 1_115_394)
+    import hashlib
+    from svflow_ode.training.data import CORPORA
+    assert hashlib.md5(CORPORA["tinyshakespeare"].read_bytes()).hexdigest() == "6fb458f1232090904fb40fe944165e91"

@@ -19,10 +19,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-__all__ = ["IGNORE", "LMDataModule", "CharDataModule", "seeded_generator"]
+__all__ = ["CORPORA", "IGNORE", "LMDataModule", "CharDataModule", "corpus_path", "seeded_generator"]
 
 IGNORE = -100  # label of positions without a target (F.cross_entropy's ignore_index)
 TRAIN, VAL, TEST = 0, 1, 2  # stream ids mixed into every seed
+# Corpora shipped with the package, by name (their sources: corpora/README.md).
+CORPORA = {"tinyshakespeare": Path(__file__).parent / "corpora" / "tinyshakespeare.txt"}
+
+
+def corpus_path(path: str) -> Path:
+    """``path`` itself, or the shipped file when ``path`` is a name in ``CORPORA``."""
+    return CORPORA.get(str(path), Path(path))
 
 
 def seeded_generator(*key: int) -> torch.Generator:
@@ -103,7 +110,8 @@ class CharDataModule(LMDataModule):
     non-overlapping window of the validation split.
 
     Args:
-        path: the text file (UTF-8).
+        path: the text file (UTF-8), or the name of a corpus shipped with the package
+            (``CORPORA``: ``"tinyshakespeare"``, Tiny Shakespeare's 1,115,394 characters).
         context: context length (characters per sequence).
         batch_size: sequences per batch (per process).
         seed: seed of the training windows and of the validation windows.
@@ -113,7 +121,7 @@ class CharDataModule(LMDataModule):
 
     def __init__(
         self,
-        path: str,
+        path: str = "tinyshakespeare",
         context: int = 64,
         batch_size: int = 12,
         seed: int = 0,
@@ -123,7 +131,7 @@ class CharDataModule(LMDataModule):
         super().__init__(batch_size, seed, val_size, test_size=1)
         if context < 1 or not 0 < train_fraction < 1:
             raise ValueError(f"need context >= 1 and 0 < train_fraction < 1, got {context}, {train_fraction}")
-        text = _read_text(path)
+        text = _read_text(corpus_path(path))
         self.vocab = "".join(sorted(set(text)))
         index = {c: i for i, c in enumerate(self.vocab)}
         self.data = torch.tensor([index[c] for c in text], dtype=torch.long)
