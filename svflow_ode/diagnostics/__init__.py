@@ -7,6 +7,8 @@
 - ``consistency_loss`` / ``consistency_recorder``: the variational-consistency regulariser for
   training (attention and MoE);
 - ``metric_loss_correlation``, ``permutation_p``: metrics vs validation loss across models;
+- ``mean_pool`` / ``compare_embeddings``: sentence embeddings of two models compared (cosine,
+  top-k neighbour agreement, Spearman of pairwise similarities);
 - ``log_bessel_iv`` / ``log_vmf_normaliser``: the high-order log-Bessel function behind ``C_d``.
 
 The open definitions (docs/maths.md#open-definitions) are the fields of ``Options``.
@@ -21,6 +23,7 @@ from .consistency import (
     expert_log_posterior,
     moe_consistency,
 )
+from .embeddings import compare_embeddings, mean_pool
 from .correlation import metric_loss_correlation, pearson, permutation_p, spearman
 from .layerwise import METRICS, attention_metrics, layer_metrics
 from .options import Options
@@ -29,9 +32,9 @@ from .shuffling import logit_lens_nll, prefix_shuffle_study, shuffle_prefix
 
 __all__ = [
     "METRICS", "Options", "PARTS",
-    "attention_consistency", "attention_metrics", "consistency_loss", "consistency_recorder",
+    "attention_consistency", "attention_metrics", "compare_embeddings", "consistency_loss", "consistency_recorder",
     "expert_log_posterior", "kl_divergence", "kl_to_uniform", "layer_metrics",
-    "likelihood_log_posterior", "log_bessel_iv", "log_vmf_normaliser", "logit_lens_nll",
+    "likelihood_log_posterior", "log_bessel_iv", "log_vmf_normaliser", "logit_lens_nll", "mean_pool",
     "metric_loss_correlation", "moe_consistency", "pearson", "permutation_p", "prefix_shuffle_study",
     "shuffle_prefix", "spearman", "visible_keys",
 ]

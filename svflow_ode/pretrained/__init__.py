@@ -3,5 +3,6 @@
 from .convert import SUPPORTED, from_pretrained
 from ..embedding import TokenEmbedding
 from .layers import RMSNorm
+from .student import student
 
-__all__ = ["SUPPORTED", "from_pretrained", "RMSNorm", "TokenEmbedding"]
+__all__ = ["SUPPORTED", "from_pretrained", "RMSNorm", "TokenEmbedding", "student"]
