@@ -8,8 +8,9 @@ manifold. An action supplies the vocabulary they need:
   element);
 - ``exp(theta)``: the group exponential (the matrix exponential);
 - ``act(g, x)``: apply a group element to a point;
-- ``dexpinv(theta, k, order)``: the inverse derivative of ``exp``, truncated after the Bernoulli
-  terms an integrator of the given order needs.
+- ``bracket(a, b)``: the commutator, from which ``dexpinv(bracket, theta, k, order)`` builds the
+  inverse derivative of ``exp``, truncated after the Bernoulli terms an integrator of the given
+  order needs.
 
 The action decides how algebra elements are stored: ``SphereAction`` and ``StiefelAction`` use
 dense ``n x n`` matrices (O(n^3) per token); ``LowRankSphereAction`` keeps them factored through
@@ -37,7 +38,8 @@ import torch.nn.functional as F
 from .sphere import Sphere
 from .stiefel import Stiefel
 
-__all__ = ["Frame", "LowRankSkew", "LowRankSphereAction", "SOnAction", "SphereAction", "StiefelAction", "bracket"]
+__all__ = ["Frame", "LowRankSkew", "LowRankSphereAction", "SOnAction", "SphereAction", "StiefelAction", "bracket",
+           "dexpinv"]
 
 # Bernoulli numbers B_0..B_4 in dexpinv(theta, k) = sum_j B_j / j! ad_theta^j (k).
 _BERNOULLI_OVER_FACTORIAL = (1.0, -1.0 / 2.0, 1.0 / 12.0, 0.0, -1.0 / 720.0)
@@ -46,6 +48,20 @@ _BERNOULLI_OVER_FACTORIAL = (1.0, -1.0 / 2.0, 1.0 / 12.0, 0.0, -1.0 / 720.0)
 def bracket(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Matrix commutator ``[a, b] = ab - ba`` over the last two dimensions."""
     return a @ b - b @ a
+
+
+def dexpinv(bracket, theta, k, order: int):
+    """``dexp_theta^{-1}(k)`` truncated after the ``ad^j`` terms with ``j <= order - 2``, for
+    elements with ``bracket``, ``+`` and ``*`` by a number (no bracket at all for ``order <= 2``).
+
+    That truncation is enough for an RKMK method of the given order (Munthe-Kaas 1999).
+    """
+    out, ad = k, k
+    for j in range(1, max(order - 1, 1)):
+        ad = bracket(theta, ad)
+        if _BERNOULLI_OVER_FACTORIAL[j]:
+            out = out + _BERNOULLI_OVER_FACTORIAL[j] * ad
+    return out
 
 
 class SOnAction:
@@ -60,16 +76,8 @@ class SOnAction:
         return torch.linalg.matrix_exp(theta)
 
     def dexpinv(self, theta: torch.Tensor, k: torch.Tensor, order: int) -> torch.Tensor:
-        """``dexp_theta^{-1}(k)`` truncated after the ``ad^j`` terms with ``j <= order - 2``.
-
-        That truncation is enough for an RKMK method of the given order (Munthe-Kaas 1999).
-        """
-        out, ad = k, k
-        for j in range(1, max(order - 1, 1)):
-            ad = self.bracket(theta, ad)
-            if _BERNOULLI_OVER_FACTORIAL[j]:
-                out = out + _BERNOULLI_OVER_FACTORIAL[j] * ad
-        return out
+        """``dexp_theta^{-1}(k)`` truncated for an RKMK method of the given order (``dexpinv``)."""
+        return dexpinv(self.bracket, theta, k, order)
 
     def frame(self, x: torch.Tensor, size: int) -> Frame:
         """The workspace of one RKMK step from ``x`` that takes at most ``size`` field values."""
@@ -214,11 +222,11 @@ class Frame:
     """The workspace of one RKMK step from the point ``x``: how the step names its points and
     algebra elements.
 
-    A step needs the generators of field values (``generator``, and ``corrected``: the generator
-    passed through ``dexpinv``), sums of elements (``+`` and multiplication by a number), and the
-    points ``exp(theta) x``: ``move(theta)`` returns a handle to one, ``point(handle)`` the tensor;
-    ``base`` is the handle of ``x``. This one, the default, uses the action's elements and points
-    as they are; ``LowRankSphereAction``'s frames compute in coordinates.
+    A step needs the generators of field values (``generator``), sums of elements (``+`` and
+    multiplication by a number), their ``bracket``, and the points ``exp(theta) x``:
+    ``move(theta)`` returns a handle to one, ``point(handle)`` the tensor; ``base`` is the handle
+    of ``x``. This one, the default, uses the action's elements and points as they are;
+    ``LowRankSphereAction``'s frames compute in coordinates.
     """
 
     def __init__(self, action: SOnAction, x: torch.Tensor):
@@ -230,9 +238,8 @@ class Frame:
     def generator(self, p, u: torch.Tensor):
         return self.action.generator(p, u)
 
-    def corrected(self, theta, p, u: torch.Tensor, order: int):
-        """``dexpinv(theta, generator(p, u), order)``."""
-        return self.action.dexpinv(theta, self.action.generator(p, u), order)
+    def bracket(self, a, b):
+        return self.action.bracket(a, b)
 
     def move(self, theta):
         return self.action.act(self.action.exp(theta), self.base)
@@ -251,9 +258,10 @@ class _SpanFrame(Frame):
     - the generator of ``u`` at ``B c`` is ``S = (e_j c^T - c e_j^T) / r^2``, ``u`` the column ``j``;
     - ``exp(theta) x = B exp(M) e_0``, by the Taylor polynomial (``_taylor_degree``) with the
       powers ``M^i e_0`` computed two at a time, ``M^2 [M^(2i) e_0, M^(2i+1) e_0]``;
-    - ``ad_theta`` is a derivation, ``[theta, a ^ b] = (theta a) ^ b + a ^ (theta b)`` (``a ^ b =
-      a b^T - b a^T``), so ``ad_theta^m (e_j ^ c) = sum_l C(m, l) (M^l e_j) ^ (M^(m-l) c)``:
-      ``dexpinv`` of a generator takes matrix-vector products, not brackets of matrices.
+    - the bracket is ``[B S1 B^T, B S2 B^T] = B (S1 G S2 - S2 G S1) B^T``.
+
+    A move computes on the columns filled so far (``theta`` and ``G`` are zero past them), so its
+    coordinates are as long as that: ``point`` reads them on the first columns.
 
     The small matrices are stored batch-last, ``(s + 1, s + 1, *batch)``: a product of tiny
     matrices is then one broadcast product and one sum (a batched matmul of 5 x 5 matrices is
@@ -264,69 +272,52 @@ class _SpanFrame(Frame):
     def __init__(self, x: torch.Tensor, size: int):
         self.size = k = size + 1  # x and the field values
         self.const = _constants(k, x.dim() - 1, x.dtype, x.device)
-        self.base = self.const.eye[0]  # the coordinates of x
+        self.base = self.const.eye[0][:1]  # the coordinates of x
         self.columns = [x]
-        self.padding = [torch.zeros_like(x)] * (k - 1)
         r2 = x.pow(2).sum(-1)
         self.inv_r2 = 1.0 / r2
         self.gram = self.const.pattern[0] * r2  # (k, k, *batch); the columns to come are zero
-        self.last = (None, None)  # theta and M of the last move
 
     def _append(self, u: torch.Tensor) -> int:
         j = len(self.columns)
         if j >= self.size:
             raise ValueError(f"this frame takes {self.size - 1} field values: it cannot take another")
         self.columns.append(u)
-        self.rows = torch.stack(self.columns + self.padding[j:], 0)  # B^T, (k, *batch, n)
+        self.rows = torch.stack(self.columns, 0)  # B^T, (j + 1, *batch, n)
         # Row and column j of G are B^T u; the diagonal entry is halved, then counted twice.
-        half = self.const.row[j] * (self.rows * u).sum(-1)
+        half = self.const.row[j][:, : j + 1] * (self.rows * u).sum(-1)
+        half = F.pad(half, (0, 0) * (half.dim() - 2) + (0, self.size - j - 1))
         self.gram = self.gram + half + half.transpose(0, 1)
         return j
 
     def point(self, c: torch.Tensor) -> torch.Tensor:
+        """The point of coordinates ``c``: on the first ``len(c)`` columns (those filled when it
+        was made; a move computes only there)."""
         if c is self.base:
             return self.columns[0]
-        return (c.unsqueeze(-1) * self.rows).sum(0)
+        return (c.unsqueeze(-1) * self.rows[: c.shape[0]]).sum(0)
 
     def generator(self, c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         j = self._append(u)
         if c is self.base:
             return self.const.pattern[j] * self.inv_r2
-        half = self.const.eye[j].unsqueeze(1) * (c * self.inv_r2)  # e_j c^T / r^2
+        c = F.pad(c * self.inv_r2, (0, 0) * (c.dim() - 1) + (0, self.size - c.shape[0]))
+        half = self.const.eye[j].unsqueeze(1) * c  # e_j c^T / r^2
         return half - half.transpose(0, 1)
 
-    def corrected(self, theta: torch.Tensor, c: torch.Tensor, u: torch.Tensor, order: int) -> torch.Tensor:
-        j = self._append(u)
-        terms = max(order - 1, 1)  # dexpinv keeps ad^m for m < terms
-        c = c * self.inv_r2
-        if terms == 1:
-            half = self.const.eye[j].unsqueeze(1) * c
-            return half - half.transpose(0, 1)
-        # theta's row j is zero, so M^l e_j (l >= 1) and c have no e_j part, and on them M is the
-        # M of the move that made c (G without column j).
-        last, m = self.last
-        if last is not theta:
-            m = _matmul(theta, self.gram)
-        us, cs = [self.const.eye[j].expand_as(c), (theta * self.gram[j]).sum(1)], [c]  # M e_j = S G e_j
-        for _ in range(2, terms):
-            u_next, c_next = _matmul(m, torch.stack([us[-1], cs[-1]], 1)).unbind(1)
-            us.append(u_next)
-            cs.append(c_next)
-        cs.append((m * cs[-1]).sum(1))
-        # dexpinv = sum_m b_m sum_l C(m, l) u_l ^ c_(m-l) = sum_l u_l ^ w_l, w_l = sum_i b_(l+i) C(l+i, l) c_i.
-        w = (torch.stack(cs, 1).unsqueeze(1) * self.const.dexpinv[terms]).sum(2)  # (k, terms, *batch)
-        half = (torch.stack(us, 1).unsqueeze(1) * w).sum(2)  # sum_l u_l w_l^T
-        return half - half.transpose(0, 1)
+    def bracket(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        p = _matmul(_matmul(a, self.gram), b)  # [B a B^T, B b B^T] = B (a G b - b G a) B^T
+        return p - p.transpose(0, 1)
 
     def move(self, theta: torch.Tensor) -> torch.Tensor:
-        m = _matmul(theta, self.gram)
+        j = len(self.columns)  # theta and G are zero past the filled columns: exp is computed on them
+        m = _matmul(theta[:j, :j], self.gram[:j, :j])
         m2 = _matmul(m, m)
-        self.last = (theta, m)
         # |theta|_2^2 <= |theta|_F^2 / 2 = -tr(M^2) / 2.
         degree = _degree(lambda: -0.5 * m2.diagonal(0, 0, 1).sum(-1).min().item(), m.dtype)
         if degree is None:
             return torch.linalg.matrix_exp(m.movedim((0, 1), (-2, -1)))[..., 0].movedim(-1, 0)
-        blocks = [torch.stack([self.const.eye[0].expand_as(m[:, 0]), m[:, 0]], 1)]  # [e_0, M e_0]
+        blocks = [torch.stack([self.const.eye[0][:j].expand_as(m[:, 0]), m[:, 0]], 1)]  # [e_0, M e_0]
         while 2 * len(blocks) <= degree:
             blocks.append(_matmul(m2, blocks[-1]))
         powers = torch.cat(blocks, 1) if len(blocks) > 1 else blocks[0]  # (k, degree + 1 or 2, *batch)
@@ -349,17 +340,12 @@ class _CrossFrame(Frame):
     def generator(self, p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return torch.linalg.cross(p, u) * self.inv_r2
 
-    def corrected(self, theta: torch.Tensor, p: torch.Tensor, u: torch.Tensor, order: int) -> torch.Tensor:
-        out = ad = self.generator(p, u)
-        for j in range(1, max(order - 1, 1)):
-            ad = torch.linalg.cross(theta, ad)
-            if _BERNOULLI_OVER_FACTORIAL[j]:
-                out = torch.add(out, ad, alpha=_BERNOULLI_OVER_FACTORIAL[j])
-        return out
+    def bracket(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.cross(a, b)
 
     def move(self, theta: torch.Tensor) -> torch.Tensor:
         x = self.base
-        degree = _degree(lambda: theta.pow(2).sum(-1).max().item(), x.dtype)  # |theta|_2 = |w|
+        degree = _degree(lambda: torch.linalg.vector_norm(theta, dim=-1).max().item() ** 2, x.dtype)  # |theta|_2 = |w|
         if degree is None:
             return (torch.linalg.matrix_exp(_hat(theta)) @ x.unsqueeze(-1)).squeeze(-1)
         powers = [x]
@@ -385,7 +371,6 @@ class _Constants(NamedTuple):
     eye: torch.Tensor  # (k, k, 1, ...): eye[j] is e_j, (k, 1, ...)
     row: list  # e_j (1 - e_j / 2)^T: row[j] * g puts g in row j, its entry j halved
     pattern: list  # e_j e_0^T - e_0 e_j^T for j > 0, e_0 e_0^T for j = 0
-    dexpinv: dict  # terms -> (1, terms, terms, 1, ...): W[l, i] = b_(l+i) C(l+i, l) for l + i < terms
 
 
 _CONSTANTS = {}
@@ -399,11 +384,8 @@ def _constants(k: int, batch_dims: int, dtype, device) -> _Constants:
         eye = torch.eye(k, dtype=dtype, device=device).reshape(k, k, *ones)
         pattern = [e.unsqueeze(1) * eye[0] - eye[0].unsqueeze(1) * e for e in eye]
         pattern[0] = eye[0].unsqueeze(1) * eye[0]
-        dexpinv = {t: torch.tensor([[_BERNOULLI_OVER_FACTORIAL[l + i] * math.comb(l + i, l) if l + i < t else 0.0
-                                     for i in range(t)] for l in range(t)], dtype=dtype, device=device)
-                   .reshape(1, t, t, *ones) for t in range(1, len(_BERNOULLI_OVER_FACTORIAL) + 1)}
         row = [e.unsqueeze(1) * (1.0 - 0.5 * e) for e in eye]
-        _CONSTANTS[key] = _Constants(eye, row, pattern, dexpinv)
+        _CONSTANTS[key] = _Constants(eye, row, pattern)
     return _CONSTANTS[key]
 
 
