@@ -57,7 +57,9 @@ def forward_flops_per_token(model: SVFlow, nfe: float, context: int) -> float:
 
     Args:
         model: the SVFlow model (every block has the structure of ``model.blocks[0]``).
-        nfe: field evaluations of the pass (a mean over passes for adaptive solvers).
+        nfe: field evaluations of the pass: its ``out.stats.nfe``, which counts only what ran (a
+            pass at another depth, ``steps=k`` or pruned with ``layers=``, counts its own); a mean
+            over passes where they differ (adaptive solvers, ``train_steps``, LayerDrop).
         context: sequence length (the attention span).
     """
     terms = model.blocks[0].terms

@@ -89,6 +89,8 @@ class SVFlowLM(SVFlow):
             dimensions it starts attention nearly uniform and trains slowly (a two-layer model sits
             for thousands of steps on associative recall before it forms an induction head; Tiny
             Shakespeare 1.900 vs 1.796 nats/char). Biases start at zero.
+        layerdrop: LayerDrop's rate for per-step models (``SVFlow``): each block skipped with this
+            probability per training batch; 0 (default) never.
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class SVFlowLM(SVFlow):
         atol: float = ATOL,
         max_nfe: int = MAX_NFE,
         init: str = "fan_in",
+        layerdrop: float = 0.0,
     ):
         for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("n_heads", n_heads),
                             ("n_blocks", n_blocks), ("context", context), ("d_ff", d_ff)):
@@ -142,7 +145,7 @@ class SVFlowLM(SVFlow):
         super().__init__(
             embed, blocks, time=time, horizon=n_blocks if time == "shared" else None, method=method,
             steps=steps, mode=mode, splitting=splitting, gradient=gradient, rtol=rtol, atol=atol,
-            max_nfe=max_nfe, final_norm=final_norm, head=head,
+            max_nfe=max_nfe, final_norm=final_norm, head=head, layerdrop=layerdrop,
         )
         self.vocab_size, self.context, self.norm = vocab_size, context, norm
         _init_weights(self, init)

@@ -5,6 +5,11 @@ A block is a list of terms, each a field and the manifold its substep retracts o
 The flow runs over ``t in [0, T]`` with ``T`` (the horizon) the number of parameter sets (or
 given, when they are shared), so the default, one Euler step per block, has ``h = 1``: a Transformer. The
 model only describes the flow (a ``solvers.Piecewise`` field); ``solvers.integrate`` solves it.
+
+Depth is elastic two ways: a model with continuous or shared parameters runs any step count over
+its horizon (``steps=``); a per-step model runs a subset of its layers (``layers=``, Fan et al.
+2019's pruning, with ``pruned_layers`` choosing them evenly) and can be trained for that with
+LayerDrop (``layerdrop``: each block skipped with probability p per training batch).
 """
 
 from __future__ import annotations
@@ -102,6 +107,10 @@ class SVFlow(nn.Module):
         max_nfe: adaptive methods stop with ``StepSizeError`` past this many field evaluations.
         final_norm: applied to the last state (pre-norm models), or None.
         head: readout from the last state to logits, or None.
+        layerdrop: LayerDrop's rate (Fan et al. 2019; per-step models only, any solver): in
+            training mode each forward pass skips each block with this probability, the state
+            passing it unchanged (every block may be skipped: then the readout sees the
+            embedding); 0 (default) never skips. Evaluation mode runs every block.
     """
 
     def __init__(
@@ -122,6 +131,7 @@ class SVFlow(nn.Module):
         max_nfe: int = MAX_NFE,
         final_norm: nn.Module | None = None,
         head: nn.Module | None = None,
+        layerdrop: float = 0.0,
     ):
         super().__init__()
         if time not in TIME_MODES:
@@ -138,6 +148,13 @@ class SVFlow(nn.Module):
             raise ValueError(f"every block needs the same number of terms, got {[len(b.terms) for b in blocks]}")
         if time == "shared" and horizon is None:
             raise ValueError("time='shared' needs horizon (T, the time the one block is integrated for)")
+        if isinstance(layerdrop, bool) or not (isinstance(layerdrop, (int, float)) and 0 <= layerdrop < 1):
+            raise ValueError(f"layerdrop must be a probability in [0, 1), got {layerdrop!r}")
+        if layerdrop and time != "per_step":
+            raise ValueError(
+                f"layerdrop skips whole layers of a per-step model, but this model has time={time!r}: train it "
+                f"at random depths with LitSVFlow's train_steps instead"
+            )
         self.embed = embed
         self.blocks = nn.ModuleList(blocks)
         self.time, self.mode, self.splitting, self.gradient = time, mode, splitting, gradient
@@ -155,6 +172,7 @@ class SVFlow(nn.Module):
         self.method = method
         self.rtol, self.atol, self.max_nfe = rtol, atol, max_nfe
         self.steps = self.horizon if steps is None else steps
+        self.layerdrop = float(layerdrop)
         self.final_norm = final_norm
         self.head = head
         self._solver(method)  # fail early on bad names and combinations
@@ -185,14 +203,48 @@ class SVFlow(nn.Module):
         splitting = None if self.splitting == "none" else self.splitting
         return make_solver(method, self.blocks[0].terms[0].manifold, self._step_mode(), splitting)
 
-    def _check_steps(self, steps: int) -> None:
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+    def _check_steps(self, steps: int, blocks: int | None = None) -> None:
+        """``ValueError`` unless ``steps`` can cover ``blocks`` blocks (default: all): zero steps for none."""
+        blocks = len(self.blocks) if blocks is None else blocks
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0 or (steps == 0 and blocks):
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        if self.time == "per_step" and steps % len(self.blocks):
+        if self.time == "per_step" and (steps % blocks if blocks else steps):
             raise ValueError(
                 f"with per-step parameters, steps ({steps}) must be a multiple of the number of "
-                f"blocks ({len(self.blocks)}); use time='continuous' for any step count"
+                f"blocks ({blocks}); use time='continuous' for any step count"
             )
+
+    def pruned_layers(self, depth: int) -> list[int]:
+        """The ``depth`` blocks a per-step model keeps when pruned to that depth, evenly spread.
+
+        Block ``floor(i L / depth)`` for ``i < depth`` of ``L``: Fan et al. (2019)'s "every other"
+        layer for ``depth = L / 2`` (0, 2, 4, ...), all of them for ``depth = L``, the first alone
+        for ``depth = 1``.
+        """
+        L = len(self.blocks)
+        if self.time != "per_step":
+            raise ValueError(f"pruning keeps layers of a per-step model; this one has time={self.time!r}: "
+                             f"run it at another depth with steps=")
+        if not isinstance(depth, int) or isinstance(depth, bool) or not 0 <= depth <= L:
+            raise ValueError(f"a model of {L} layers prunes to a depth in 0..{L}, got {depth!r}")
+        return [i * L // depth for i in range(depth)]
+
+    def _check_layers(self, layers) -> list[int]:
+        """``layers`` as a list, once it is known to name blocks of a per-step model in order."""
+        L = len(self.blocks)
+        if self.time != "per_step":
+            raise ValueError(f"layers= prunes a per-step model; this one has time={self.time!r}: run it at "
+                             f"another depth with steps=")
+        layers = list(layers)
+        if not all(isinstance(k, int) and not isinstance(k, bool) for k in layers) or any(
+                not 0 <= a < b <= L for a, b in zip(layers, [*layers[1:], L])):
+            raise ValueError(f"layers must be increasing block indices in 0..{L - 1}, got {layers}")
+        return layers
+
+    def drawn_layers(self, generator: torch.Generator | None = None) -> list[int]:
+        """LayerDrop's draw: the blocks a training pass runs, each kept with probability ``1 - layerdrop``."""
+        kept = torch.rand(len(self.blocks), generator=generator) >= self.layerdrop
+        return kept.nonzero().flatten().tolist()
 
     def _term(self, k: int | None, t: float, context: dict) -> solvers.Term:
         """The field on block ``k``, or the continuous-in-time field (``k`` None; charts taken at
@@ -211,11 +263,12 @@ class SVFlow(nn.Module):
         terms = tuple(solvers.Term(partial(f, **context), m) for f, m in zip(fields, manifolds))
         return solvers.Term(terms, manifolds[-1])
 
-    def _field(self, steps: int, adaptive: bool, context: dict) -> Piecewise:
-        """The flow as a ``solvers.Piecewise`` field over ``[0, horizon]``."""
+    def _field(self, steps: int, adaptive: bool, context: dict, layers: Sequence[int]) -> Piecewise:
+        """The flow as a ``solvers.Piecewise`` field over ``[0, horizon]``; per-step models: over
+        ``[0, len(layers)]``, a unit of time per block run (the blocks' fields do not read t)."""
         L, T = len(self.blocks), self.horizon
         if self.time == "per_step":
-            return Piecewise(range(L + 1), lambda k: self._term(k, k, context))
+            return Piecewise(range(len(layers) + 1), lambda i: self._term(layers[i], i, context))
         if self.time == "shared" or L == 1:
             return Piecewise((0, T), lambda i: self._term(0, 0.0, context))
         charts = any(isinstance(term.manifold, AffineChart) for term in self.blocks[0].terms)
@@ -230,7 +283,7 @@ class SVFlow(nn.Module):
         # Adaptive steps restart where the interpolated parameters kink.
         return Piecewise(range(L + 1) if adaptive else (0, T), lambda i: self._term(None, 0.0, context))
 
-    def flow(self, x: torch.Tensor, *, method: str, steps: int, context: dict):
+    def flow(self, x: torch.Tensor, *, method: str, steps: int, context: dict, layers: Sequence[int] | None = None):
         """Integrate from the embedded state; returns the states and the stats.
 
         Fixed-step methods return the state after every step, except when checkpointing with
@@ -238,18 +291,24 @@ class SVFlow(nn.Module):
         Adaptive methods (bosh3, dopri5: ``rtol``/``atol``/``max_nfe``) and the adjoint return the
         states at the breaks of the field: the block boundaries for per-step parameters (and for
         continuous ones under adaptive steps), else the two ends.
+
+        ``layers`` (per-step models): the blocks to run, in order (default: all); ``steps``
+        counts the steps over them. With none, the state is returned as it came, at no cost.
         """
         solver = self._solver(method)
-        self._check_steps(steps)
+        layers = range(len(self.blocks)) if layers is None else layers
+        self._check_steps(steps, len(layers))
+        if not steps:  # a per-step model with every block skipped: nothing to integrate
+            return [x], SolveStats()
         adaptive = solver.error_order is not None
-        T = self.horizon
+        T = len(layers) if self.time == "per_step" else self.horizon
         if adaptive:
             controller = PIController(rtol=self.rtol, atol=self.atol, max_nfe=self.max_nfe)
         else:
             controller = ConstantStepSize(step_size=T / steps)
             if steps > controller.max_steps:  # before building the output times
                 raise ValueError(f"steps={steps:,} is more than max_steps={controller.max_steps:,}")
-        field = self._field(steps, adaptive, context)
+        field = self._field(steps, adaptive, context, layers)
         if adaptive or self.gradient == "adjoint":
             times = [0.0, float(T)] if len(field) == 1 else list(field.breaks)
         elif self.gradient == "checkpoint" and torch.is_grad_enabled():
@@ -259,7 +318,9 @@ class SVFlow(nn.Module):
         solution = integrate(
             field, x, times, solver=solver, controller=controller, gradient=self.gradient,
             check_finite=self.check_finite,
-            adjoint_params=tuple(self.blocks.parameters()) if self.gradient == "adjoint" else None,
+            # The blocks run, only: a skipped block's parameters are not in the solve.
+            adjoint_params=(tuple(p for k in layers for p in self.blocks[k].parameters())
+                            if self.gradient == "adjoint" else None),
         )
         return list(solution.ys.unbind(0)), solution.stats
 
@@ -270,6 +331,8 @@ class SVFlow(nn.Module):
         *,
         method: str | None = None,
         steps: int | None = None,
+        layers: Sequence[int] | None = None,
+        generator: torch.Generator | None = None,
     ) -> SVFlowOutput:
         """Run the flow.
 
@@ -277,7 +340,12 @@ class SVFlow(nn.Module):
             input_ids: ``(B, T)`` token ids.
             attention_mask: ``(B, T)``, 1 for tokens and 0 for padding, or None.
             method: solver name (default: the model's).
-            steps: number of steps (default: the model's).
+            steps: number of steps (default: the model's; with ``layers``, the model's steps per
+                block times the blocks run).
+            layers: per-step models only: the blocks to run, increasing indices (e.g.
+                ``pruned_layers(depth)``); the others are skipped, the state passing them unchanged.
+                Default: every block, or in training mode with ``layerdrop`` those LayerDrop keeps.
+            generator: the generator of LayerDrop's draw (default: torch's global one).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}")
@@ -291,6 +359,12 @@ class SVFlow(nn.Module):
                 )
             if not torch.compiler.is_compiling() and not ((attention_mask == 0) | (attention_mask == 1)).all():
                 raise ValueError("attention_mask must hold 1 (token) or 0 (padding) only; found other values")
+        if layers is None and self.training and self.layerdrop:
+            layers = self.drawn_layers(generator)
+        if layers is not None:
+            layers = self._check_layers(layers)
+            if steps is None:
+                steps = self.steps // len(self.blocks) * len(layers)
         context = {} if attention_mask is None else {"attention_mask": attention_mask}
         x = self.embed(input_ids)
         states, stats = self.flow(
@@ -298,6 +372,7 @@ class SVFlow(nn.Module):
             method=self.method if method is None else method,
             steps=self.steps if steps is None else steps,
             context=context,
+            layers=layers,
         )
         if self.final_norm is not None:
             states[-1] = self.final_norm(states[-1])

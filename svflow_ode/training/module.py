@@ -9,14 +9,33 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+import solvers
 from solvers.compat import given_hyperparameters
 from svflow_ode.diagnostics.consistency import PARTS, consistency_recorder
 from svflow_ode.lm import SVFlowLM
+from svflow_ode.model import SVFlow
 
 from .checkpoints import check_compatible
-from .data import IGNORE
+from .data import IGNORE, seeded_generator
 
-__all__ = ["LitSVFlow"]
+__all__ = ["LitSVFlow", "token_metrics", "warmup_cosine"]
+
+
+def warmup_cosine(step: int, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """The learning rate at optimizer step ``step`` divided by ``lr``: a linear warm-up over
+    ``warmup_steps``, then a cosine decay to ``min_lr`` at ``total_steps``, flat after it."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return (min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)) / lr
+
+
+def token_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy (nats per scored token) and argmax accuracy of ``logits`` ``(B, T, V)`` on
+    ``labels`` ``(B, T)``, positions labelled ``IGNORE`` left out."""
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+    scored = labels != IGNORE
+    return loss, (logits.argmax(-1)[scored] == labels[scored]).float().mean()
 
 
 class LitSVFlow(L.LightningModule):
@@ -44,6 +63,14 @@ class LitSVFlow(L.LightningModule):
             lacks are skipped).
         consistency_detach_p: stop gradients through the likelihood posterior p, so that only the
             posteriors q (attention queries/keys, routers) are pulled towards it.
+        train_steps: ``(min, max)``: elastic depth, each training batch runs the model with a step
+            count drawn uniformly from ``min..max`` (inclusive); validation and test keep the
+            model's own ``steps``. For models whose step count is free (``time="continuous"`` or
+            ``"shared"``) with a fixed-step method; None (default): always the model's steps.
+        seed: seeds the per-batch draws, of ``train_steps`` and of the model's LayerDrop: the
+            batch of optimizer step ``s`` draws from a generator seeded by ``(seed, s)``, so a
+            resumed run draws what the uninterrupted one would have (batches accumulated into one
+            optimizer step share a draw).
     """
 
     def __init__(
@@ -58,6 +85,8 @@ class LitSVFlow(L.LightningModule):
         consistency_beta: float = 0.0,
         consistency_parts: tuple[str, ...] = PARTS,
         consistency_detach_p: bool = False,
+        train_steps: tuple[int, int] | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         # NaN passes every comparison below unnoticed, and would only show as a NaN loss.
@@ -82,6 +111,10 @@ class LitSVFlow(L.LightningModule):
         # without them, and the adjoint's forward pass keeps no graph.
         if consistency_beta and model.gradient != "backprop":
             raise ValueError(f"the consistency regulariser needs gradient='backprop', got {model.gradient!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:  # numpy's SeedSequence takes no other
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        if train_steps is not None:
+            train_steps = _checked_train_steps(train_steps, model)
         # Under LightningCLI the hyperparameters are the configuration, with the model's class path
         # and arguments: load_from_checkpoint rebuilds the model. A model object is no hyperparameter.
         self.save_hyperparameters(ignore=None if given_hyperparameters() else ["model"])
@@ -90,19 +123,36 @@ class LitSVFlow(L.LightningModule):
         self.warmup_steps, self.max_steps = warmup_steps, max_steps
         self.consistency_beta, self.consistency_parts = consistency_beta, tuple(consistency_parts)
         self.consistency_detach_p = consistency_detach_p
+        self.train_steps, self.seed = train_steps, seed
 
-    def model_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        """Loss of one batch ``(input_ids, labels)``, both ``(B, T)``; logs the stage's metrics."""
+    def training_options(self, step: int) -> dict:
+        """The model's forward options for the training batch of optimizer step ``step``.
+
+        ``steps`` drawn from ``train_steps``, and the ``generator`` of the model's LayerDrop (when
+        either is on), from one generator seeded by ``(seed, step)``; else none.
+        """
+        layerdrop = getattr(self.model, "layerdrop", 0)
+        if self.train_steps is None and not layerdrop:
+            return {}
+        generator = seeded_generator(self.seed, step)
+        options = {"generator": generator} if layerdrop else {}
+        if self.train_steps is not None:
+            low, high = self.train_steps
+            options["steps"] = int(torch.randint(low, high + 1, (), generator=generator))
+        return options
+
+    def model_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, **options) -> torch.Tensor:
+        """Loss of one batch ``(input_ids, labels)``, both ``(B, T)``; logs the stage's metrics.
+
+        ``options`` go to the model's forward pass (``training_options``).
+        """
         input_ids, labels = batch
         # The regulariser reads the fields during the one forward pass; off, nothing is recorded.
         recording = (consistency_recorder(self.model, self.consistency_parts, detach_p=self.consistency_detach_p)
                      if self.consistency_beta else nullcontext())
         with recording as kls:
-            out = self.model(input_ids)
-        logits = out.logits  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-        scored = labels != IGNORE
-        acc = (logits.argmax(-1)[scored] == labels[scored]).float().mean()
+            out = self.model(input_ids, **options)
+        loss, acc = token_metrics(out.logits, labels)
         training = stage == "train"
         options = dict(on_step=training, on_epoch=not training, sync_dist=not training, batch_size=len(input_ids))
         self.log(f"{stage}/loss", loss, prog_bar=True, **options)
@@ -116,7 +166,7 @@ class LitSVFlow(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True)
-        return self.model_step(batch, "train")
+        return self.model_step(batch, "train", **self.training_options(self.global_step))
 
     def validation_step(self, batch, batch_idx):
         self.model_step(batch, "val")
@@ -125,12 +175,8 @@ class LitSVFlow(L.LightningModule):
         self.model_step(batch, "test")
 
     def lr_factor(self, step: int) -> float:
-        """The learning rate at ``step`` divided by ``lr``: linear warm-up, then cosine to ``min_lr``."""
-        if step < self.warmup_steps:
-            return (step + 1) / (self.warmup_steps + 1)
-        total = self.max_steps or self.trainer.max_steps
-        progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
-        return (self.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (self.lr - self.min_lr)) / self.lr
+        """The learning rate at ``step`` divided by ``lr`` (``warmup_cosine``)."""
+        return warmup_cosine(step, self.lr, self.min_lr, self.warmup_steps, self.max_steps or self.trainer.max_steps)
 
     def configure_optimizers(self):
         if not self.max_steps and self.trainer.max_steps < 1:
@@ -146,3 +192,21 @@ class LitSVFlow(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_compatible(checkpoint, self)  # a checkpoint of another shape: say which settings differ
+
+
+def _checked_train_steps(train_steps, model) -> tuple[int, int]:
+    """``train_steps`` as a tuple, once it is a range of step counts that ``model`` can run each batch with."""
+    if not (isinstance(train_steps, (list, tuple)) and len(train_steps) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in train_steps)
+            and 1 <= train_steps[0] <= train_steps[1]):
+        raise ValueError(f"train_steps must be [min, max] step counts with 1 <= min <= max, got {train_steps!r}")
+    if not isinstance(model, SVFlow) or model.time == "per_step":
+        what = f"time={model.time!r}" if isinstance(model, SVFlow) else f"a {type(model).__name__}"
+        raise ValueError(
+            f"train_steps draws a step count per batch, which needs an SVFlow whose step count is free "
+            f"(time='continuous' or 'shared'), not {what}; per-step models train for pruning with layerdrop"
+        )
+    if model.method in solvers.ADAPTIVE:
+        raise ValueError(f"train_steps draws fixed step counts, but the model's method {model.method!r} is "
+                         f"adaptive (it chooses its own steps): use a fixed-step method")
+    return tuple(train_steps)
