@@ -20,7 +20,7 @@ adds:
 from geoopt import Euclidean
 
 from .boundary import at_boundary, boundary_margin
-from .distributions import HaarSO3, StandardNormal, UniformSphere, VonMisesFisher
+from .distributions import HaarSO3, Mixture, StandardNormal, UniformSphere, VonMisesFisher, WrappedNormal
 from .chart import AffineChart
 from .contract import ManifoldContractError, check_contract
 from .lie import LowRankSkew, LowRankSphereAction, SOnAction, SphereAction, StiefelAction, bracket
@@ -35,6 +35,7 @@ __all__ = [
     "LowRankSkew",
     "LowRankSphereAction",
     "ManifoldContractError",
+    "Mixture",
     "RMSSphere",
     "SOnAction",
     "SpecialOrthogonal",
@@ -46,6 +47,7 @@ __all__ = [
     "StiefelAction",
     "UniformSphere",
     "VonMisesFisher",
+    "WrappedNormal",
     "at_boundary",
     "boundary_margin",
     "bracket",

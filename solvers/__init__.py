@@ -17,6 +17,7 @@ from .checkpointing import checkpointed_steps
 from .cnf import CNF
 from .controllers import ConstantStepSize, PIController
 from .divergence import DIVERGENCE_METHODS, divergence
+from .flow_matching import FlowMatching, conditional_velocity, flow_matching_loss, geodesic, geodesic_maps
 from .errors import BoundaryError, NonFiniteError, OffManifoldError, SolverError, StepSizeError
 from .interface import odeint, odeint_adjoint, register_torchdiffeq
 from .lie_group import RKMK
@@ -29,7 +30,8 @@ from .tableau import BOSH3, DOPRI5, EULER, HEUN, MIDPOINT, RK4, ButcherTableau
 __all__ = [
     "BOSH3", "DOPRI5", "EULER", "HEUN", "MIDPOINT", "RK4", "ButcherTableau",
     "AdaptiveSolver", "Piecewise", "Solver", "StepResult", "Term",
-    "CNF", "ConstantStepSize", "PIController", "RKMK", "RungeKutta", "Split",
+    "CNF", "FlowMatching", "conditional_velocity", "flow_matching_loss", "geodesic", "geodesic_maps",
+    "ConstantStepSize", "PIController", "RKMK", "RungeKutta", "Split",
     "ADAPTIVE", "METHODS", "make_controller", "make_solver", "odeint", "odeint_adjoint", "register_torchdiffeq",
     "DIVERGENCE_METHODS", "divergence", "GRADIENT_MODES", "Solution", "SolveStats", "checkpointed_steps", "defaults", "integrate", "SCHEMES",
     "BoundaryError", "NonFiniteError", "OffManifoldError", "SolverError", "StepSizeError",

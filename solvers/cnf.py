@@ -7,6 +7,9 @@ and the log-density change together, as one tuple state ``(x, L)`` on ``manifold
 
 from __future__ import annotations
 
+import math
+
+import geoopt
 import torch
 from torch import nn
 
@@ -22,7 +25,8 @@ class CNF(nn.Module):
     Args:
         field: the field ``field(t, x)`` (an ``nn.Module``: its parameters train).
         manifold: where the points live (see ``solvers.divergence`` for the supported ones).
-        base: the distribution at ``t = 0``, with ``log_prob`` and ``sample`` (``manifolds.distributions``).
+        base: the distribution at ``t = 0``, with ``log_prob`` and ``sample`` (``manifolds.distributions``);
+            one that names its ``manifold`` must name the flow's (same kind, same radius or curvature).
         horizon: the time ``T`` the flow runs for.
         method, options: the solver, as ``solvers.odeint`` takes them (default rk4 with 20 steps;
             ``options["gradient"]`` picks backprop, checkpoint or the adjoint).
@@ -32,6 +36,7 @@ class CNF(nn.Module):
     def __init__(self, field: nn.Module, manifold, base, *, horizon: float = 1.0, method: str = "rk4",
                  options: dict | None = None, divergence_method: str = "exact"):
         super().__init__()
+        _check_base(base, manifold)
         self.field, self.manifold, self.base, self.horizon = field, manifold, base, float(horizon)
         self.method = method
         self.options = {"steps": 20} if options is None and method not in ("bosh3", "dopri5") else dict(options or {})
@@ -70,3 +75,17 @@ class CNF(nn.Module):
         z = self.base.sample(n, dtype=dtype, generator=generator)
         x, change = self._solve(z, 0.0, self.horizon, -1.0)
         return x, self.base.log_prob(z) + change
+
+
+def _check_base(base, manifold) -> None:
+    """``ValueError`` if ``base`` says it lives on a manifold other than ``manifold``."""
+    own = getattr(base, "manifold", None)
+    if own is None:
+        return
+    same = type(own) is type(manifold)
+    if same and not isinstance(own, geoopt.Euclidean):  # Euclidean's ndim is a batching convention only
+        # The radius (extra_repr) or curvature (k) sets the volume a density is normalised over.
+        same = own.extra_repr() == manifold.extra_repr() and (
+            not isinstance(own, geoopt.Stereographic) or math.isclose(own.k.item(), manifold.k.item(), rel_tol=1e-6))
+    if not same:
+        raise ValueError(f"the base distribution {type(base).__name__} lives on {own!r}, not on the flow's {manifold!r}")

@@ -81,10 +81,12 @@ class SVFlowCLI(LightningCLI):
     """LightningCLI that sizes the model from the data and reports configuration errors early.
 
     The model's ``vocab_size`` and ``context`` come from the data module's ``vocab_size`` and
-    ``context``. A ``ValueError``, ``FileNotFoundError`` or Lightning misconfiguration while
-    building the data, model or trainer (an unknown solver, a bad step count, a missing file,
-    conflicting trainer flags) ends the command with a one-line message and exit code 2, before
-    anything is trained or written; so does any other error while building them (a class failing on
+    ``context`` (``links``; a subclass for another model names its own, as
+    ``svflow_ode.training.flow_matching.FlowMatchingCLI`` does). A ``ValueError``,
+    ``FileNotFoundError`` or Lightning misconfiguration while building the data, model or trainer
+    (an unknown solver, a bad step count, a missing file, conflicting trainer flags) ends the
+    command with a one-line message and exit code 2, before anything is trained or written; so
+    does any other error while building them (a class failing on
     an argument it does not check: the message names the error and where it was raised, and
     ``SVFLOW_ODE_TRACEBACK=1`` re-raises it instead), an option value the parser refuses, and, for
     ``fit``, trainer settings that Lightning accepts but fails on mid-run (``max_steps`` 0 or -1
@@ -109,12 +111,14 @@ class SVFlowCLI(LightningCLI):
     or a strategy given as an object, brings its own checkpoint I/O).
     """
 
+    links: dict[str, str] = LINKS  # data entry -> model entry, set from the data once it is built
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {name: args for name, args in LightningCLI.subcommands().items() if name != "predict"}
 
     def add_arguments_to_parser(self, parser):
-        for source, target in LINKS.items():
+        for source, target in self.links.items():
             parser.link_arguments(source, target, apply_on="instantiate")
         parser.add_argument("--finite_guard", type=bool, default=True,
                             help="stop at the first non-finite loss or gradient and save the weights before it")
@@ -130,7 +134,7 @@ class SVFlowCLI(LightningCLI):
             if subcommand == "fit":
                 _check_fit(config)
             if config.get("ckpt_path") is not None:
-                config.ckpt_path = _checked_checkpoint(config)
+                config.ckpt_path = _checked_checkpoint(config, self.links)
         except CONFIG_ERRORS as err:
             parser.error(f"configuration error: {err}")
 
@@ -256,8 +260,9 @@ def _check_training_length(config) -> None:
                          "give a positive trainer.max_steps, or model.max_steps")
 
 
-def _checked_checkpoint(config) -> str:
-    """``config.ckpt_path``, ``last`` resolved to a file, once the file and its configuration are checked.
+def _checked_checkpoint(config, links: dict[str, str]) -> str:
+    """``config.ckpt_path``, ``last`` resolved to a file, once the file and its configuration are checked
+    (except the model entries that ``links`` sets from the data).
 
     Raises:
         FileNotFoundError: no such file, or no last checkpoint to resume from.
@@ -272,7 +277,7 @@ def _checked_checkpoint(config) -> str:
     checkpoint = read_checkpoint(path, weights_only=config.get("weights_only") is not False)
     saved = dict(checkpoint.get("hyper_parameters") or {})
     saved.pop("_instantiator", None)
-    differ = differences(saved, config.model.as_dict(), prefix="model", skip=frozenset(LINKS.values()))
+    differ = differences(saved, config.model.as_dict(), prefix="model", skip=frozenset(links.values()))
     if differ:
         raise ValueError(
             f"{path} was trained with another model configuration: {'; '.join(differ)}. Resuming keeps the "
