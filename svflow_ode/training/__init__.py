@@ -6,10 +6,11 @@ from .data import IGNORE, CharDataModule, LMDataModule
 from .guard import FiniteGuard, NonFiniteTrainingError
 from .module import LitSVFlow
 from .tasks import AssociativeRecallDataModule, DyckDataModule
+from .tokens import TokenDataModule
 from .toy import GaussianMixtureDataModule
 
 __all__ = [
     "IGNORE", "AssociativeRecallDataModule", "AtomicCheckpointIO", "CharDataModule", "DyckDataModule", "FiniteGuard",
     "GaussianMixtureDataModule", "LMDataModule", "LitSVFlow", "NonFiniteTrainingError", "SigtermCheckpoint",
-    "TokenThroughput",
+    "TokenDataModule", "TokenThroughput",
 ]
