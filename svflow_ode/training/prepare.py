@@ -45,14 +45,12 @@ from tqdm import tqdm
 
 from .checkpoints import _umask
 from .data import CORPORA, corpus_path
+from .tokens import DTYPES, META_FORMAT
 
 __all__ = ["DTYPES", "prepare", "main"]
 
-# Token ids as stored: little-endian whatever the machine, so shards move between machines.
-DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 BLOCK_BYTES = 1 << 20  # corpus bytes read, decoded and encoded at a time
 SHARD_TOKENS = 100_000_000  # tokens per shard file (200 MB as uint16)
-META_FORMAT = 1  # meta.json's layout; TokenDataModule reads this one
 
 
 def prepare(

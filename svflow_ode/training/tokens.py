@@ -18,9 +18,13 @@ import torch
 from torch.utils.data import Dataset
 
 from .data import LMDataModule
-from .prepare import DTYPES, META_FORMAT
 
 __all__ = ["TokenDataModule"]
+
+# Token ids as stored (by svflow_ode.training.prepare): little-endian whatever the machine, so
+# shards move between machines.
+DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+META_FORMAT = 1  # meta.json's layout, as prepare writes it and this module reads it
 
 
 class _Shards:
