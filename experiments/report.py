@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt
 TEMPLATES = Path(__file__).parent / "templates"
 PLOT_KEYS = {"x", "y", "group", "logx", "logy", "errorbars", "xlabel", "ylabel"}
 
-__all__ = ["bullets", "markdown_table", "paired_difference", "plot", "render", "write_csv", "write_study"]
+__all__ = ["bullets", "markdown_table", "mean_se", "paired_difference", "plot", "render", "write_csv", "write_study"]
 
 
 def render(template: str, fields: dict) -> str:
@@ -75,7 +75,7 @@ def _number(value) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
+def mean_se(values: list[float]) -> tuple[float, float]:
     """Mean and standard error of the mean (0 for a single value)."""
     mean = statistics.fmean(values)
     return mean, statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
@@ -98,7 +98,7 @@ def plot(path: Path, rows: list[dict], spec: dict) -> Path | None:
     for name, points in groups.items():
         xs = sorted(points)
         if spec.get("errorbars", True):
-            means, errors = zip(*(_mean_se(points[xv]) for xv in xs))
+            means, errors = zip(*(mean_se(points[xv]) for xv in xs))
             ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=name or None)
         else:
             pairs = [(xv, yv) for xv in xs for yv in points[xv]]
@@ -132,7 +132,7 @@ def paired_difference(rows: list[dict], metric: str, a: str, b: str, pair: str =
     shared = [seed for seed in first if seed in second]
     if not shared:
         return None
-    mean, se = _mean_se([first[s] - second[s] for s in shared])
+    mean, se = mean_se([first[s] - second[s] for s in shared])
     return {"mean": mean, "se": se, "n": len(shared)}
 
 

@@ -22,6 +22,13 @@ differences against each. With ``report.win`` (a margin in the metric's units, l
 the report's ``$verdict`` says which points beat every baseline by at least the margin beyond
 noise (mean difference <= -win and mean + 2 SE < 0).
 
+``evaluate: {function: "module:name", args: {...}}`` runs, after a point's commands, in a process
+of its own (``experiments.evaluate``), ``function(last_checkpoint, datamodule, **args,
+progress=False)`` with the point's data module built from its configuration, e.g.
+``svflow_ode.training.depth:depth_curve``; what it returns (JSON) is kept in the point's
+``evaluation.json`` and under ``evaluation`` in its ``result.json``. A point's own ``evaluate``
+entry replaces the grid's ``args`` (``evaluate: null``: none for that point).
+
 Every point ``P`` with axis values ``a`` runs in ``OUT/P_a/``: ``point.yaml`` (its overrides
 nested, passed as the last ``--config``), ``config.yaml`` (the merged configuration it ran, saved
 by the CLI), ``metrics.csv`` (a CSVLogger pinned there; the configuration's other loggers write
@@ -54,7 +61,7 @@ import yaml
 
 from experiments import report
 
-GRID_KEYS = {"name", "base", "out", "overrides", "points", "axes", "commands", "smoke", "report"}
+GRID_KEYS = {"name", "base", "out", "overrides", "points", "axes", "commands", "smoke", "report", "evaluate"}
 REPORT_KEYS = {"template", "columns", "metric", "baseline", "pair", "plot", "title", "win"}
 COMMANDS = ("fit", "test")
 # --smoke: a few steps, a tiny validation, on any data module (the grid's `smoke` adds to it).
@@ -133,6 +140,12 @@ def load_grid(path: Path, smoke: bool = False, out: Path | None = None) -> dict:
     for key in ("overrides", "smoke"):
         if not isinstance(grid.get(key) or {}, dict):
             raise GridError(f"{path}: {key} must map dotted config keys to values")
+    evaluate = grid.get("evaluate")
+    if evaluate is not None and not (isinstance(evaluate, dict) and set(evaluate) <= {"function", "args"}
+                                     and isinstance(evaluate.get("function"), str)
+                                     and evaluate["function"].count(":") == 1
+                                     and isinstance(evaluate.get("args") or {}, dict)):
+        raise GridError(f"{path}: evaluate must be {{function: 'module:name', args: {{...}}}}, got {evaluate!r}")
     grid.setdefault("name", path.stem)
     grid["out"] = Path(out or grid.get("out") or Path("runs") / grid["name"])
     if smoke and not out:  # smoke results in the real directory would be skipped as finished by the real run
@@ -143,6 +156,13 @@ def load_grid(path: Path, smoke: bool = False, out: Path | None = None) -> dict:
     for point, overrides in points.items():
         overrides = dict(overrides or {})
         refused = overrides.pop("refused", None)
+        evaluation = None
+        if evaluate is not None:
+            evaluation = {**evaluate, "args": overrides.pop("evaluate", evaluate.get("args") or {})}
+            if evaluation["args"] is None:
+                evaluation = None
+            elif not isinstance(evaluation["args"], dict):
+                raise GridError(f"{path}: point {point}: evaluate must map the function's arguments, or be null")
         for order, values in enumerate(itertools.product(*axes.values())):
             chosen = dict(zip(axes, values))
             suffix = "_".join(f"{key.rsplit('.', 1)[-1]}-{value}" for key, value in chosen.items())
@@ -152,7 +172,8 @@ def load_grid(path: Path, smoke: bool = False, out: Path | None = None) -> dict:
             except GridError as err:
                 raise GridError(f"{path}: point {point}: {err}") from None
             runs.append({"name": f"{point}_{suffix}" if suffix else str(point), "point": str(point),
-                         "axes": chosen, "order": order, "overrides": all_overrides, "refused": refused})
+                         "axes": chosen, "order": order, "overrides": all_overrides, "refused": refused,
+                         "evaluate": evaluation})
     grid["runs"] = runs
     for run in runs:
         _check_checkpoints(path, run["name"], merged(loaded_config(grid["base"]), nested(run["overrides"])))
@@ -246,6 +267,12 @@ def model_costs(checkpoint: Path, train_nfe: float | None) -> dict:
             "steps": model.steps, "context": model.context}
 
 
+def evaluate_command(directory: Path, evaluation: dict) -> list[str]:
+    """The command line that evaluates the point in ``directory`` (``experiments.evaluate``)."""
+    return [sys.executable, "-m", "experiments.evaluate", str(directory), evaluation["function"],
+            "--args", json.dumps(evaluation["args"])]
+
+
 def collect(directory: Path, commands: list[list[str]], wall: float) -> dict:
     """``result.json``'s contents for a finished point in ``directory``."""
     fit = read_metrics(directory / "metrics.csv")
@@ -259,6 +286,8 @@ def collect(directory: Path, commands: list[list[str]], wall: float) -> dict:
     result["train_nfe"] = mean_nfe
     result.update(model_costs(directory / "checkpoints" / "last.ckpt", mean_nfe))
     result["wall_s"] = round(wall, 2)
+    if (directory / "evaluation.json").is_file():
+        result["evaluation"] = json.loads((directory / "evaluation.json").read_text())
     result["commands"] = [" ".join(c) for c in commands]
     return result
 
@@ -267,6 +296,17 @@ def last_line(text: str) -> str:
     """The last non-empty line of ``text`` (an error's one-line summary, or the traceback's end)."""
     lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1].strip() if lines else ""
+
+
+def run_logged(args: list[str], log: Path) -> dict | None:
+    """Run ``args`` on one thread with its output in ``log``; None if it succeeded, else the failure."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    with open(log, "w") as out:
+        done = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
+    if done.returncode == 0:
+        return None
+    return {"status": "failed", "exit_status": done.returncode, "command": " ".join(args),
+            "error": last_line(log.read_text(errors="replace"))}
 
 
 def run_point(grid: dict, run: dict, dry_run: bool = False) -> dict:
@@ -285,14 +325,14 @@ def run_point(grid: dict, run: dict, dry_run: bool = False) -> dict:
         config.write_text(yaml.safe_dump(point_config(grid, run, directory, test), sort_keys=False))
         ckpt = last if test or last.is_file() else None
         commands.append(command(grid, config, subcommand, ckpt))
-        if dry_run:
-            continue
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_SILENT": "true"}
-        with open(directory / f"{subcommand}.log", "w") as log:
-            done = subprocess.run(commands[-1], stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
-        if done.returncode != 0:
-            failure = {"status": "failed", "exit_status": done.returncode, "command": " ".join(commands[-1]),
-                       "error": last_line((directory / f"{subcommand}.log").read_text(errors="replace"))}
+        failure = None if dry_run else run_logged(commands[-1], directory / f"{subcommand}.log")
+        if failure:
+            (directory / "failed.json").write_text(json.dumps(failure, indent=1))
+            return {**row, **failure}
+    if run["evaluate"] is not None:
+        commands.append(evaluate_command(directory, run["evaluate"]))
+        failure = None if dry_run else run_logged(commands[-1], directory / "evaluate.log")
+        if failure:
             (directory / "failed.json").write_text(json.dumps(failure, indent=1))
             return {**row, **failure}
     if dry_run:

@@ -93,6 +93,8 @@ def test_smoke_grid_end_to_end(tmp_path, capsys):
     ({"points": {"a": {}}, "commands": ["test"]}, "commands must be [fit] or [fit, test]"),
     ({"points": {"a": {}}, "report": {"colour": 1}}, "unknown report keys ['colour']"),
     ({"points": {"a": {"trainer.callbacks": []}}}, "point a_seed_everything-0: the configuration needs a ModelCheckpoint"),
+    ({"points": {"a": {}}, "evaluate": {"function": "depth_curve"}}, "evaluate must be {function: 'module:name'"),
+    ({"points": {"a": {"evaluate": [1]}}, "evaluate": {"function": "m:f"}}, "point a: evaluate must map the function"),
 ])
 def test_bad_grid_files_are_one_line_errors(tmp_path, capsys, entries, message):
     assert sweep.main([str(write_grid(tmp_path, **entries))]) == 2
@@ -169,3 +171,58 @@ def test_verdict_against_several_baselines():
         "- lone: not compared with wide (no shared seeds)",
     ]
     assert sweep.verdict(differences, ["euler"], None).startswith("no margin set")
+
+
+def test_evaluation_runs_after_the_fit_and_lands_in_the_result(tmp_path):
+    depth_curve = "svflow_ode.training.depth:depth_curve"
+    grid = write_grid(tmp_path, axes={"seed_everything": [0]}, evaluate={"function": depth_curve, "args": {"depths": [1, 2]}},
+                      points={"two": {"model.model.init_args.n_blocks": 2, "data.init_args.val_size": 128},
+                              "plain": {"evaluate": None}})  # 128 windows: the smoke run's 2 validation batches
+    out = tmp_path / "out"
+    assert sweep.main([str(grid), "--smoke", "--out", str(out)]) == 0
+    result = json.loads((out / "two_seed_everything-0" / "result.json").read_text())
+    assert result["commands"][-1].split()[2:5] == ["experiments.evaluate", str(out / "two_seed_everything-0"), depth_curve]
+    curve = result["evaluation"]
+    assert [(e["depth"], e["layers"]) for e in curve] == [(1, [0]), (2, [0, 1])]
+    # The full depth is the model the fit validated: the same loss on the same windows.
+    assert curve[1]["loss"] == pytest.approx(result["val/loss"], rel=1e-6)
+    assert curve[0]["forward_flops_per_token"] < curve[1]["forward_flops_per_token"]
+    assert "evaluation" not in json.loads((out / "plain_seed_everything-0" / "result.json").read_text())
+
+
+def test_depth_study_rows_comparisons_and_claim():
+    from experiments import elastic_depth
+
+    def curve(losses, flops=(10.0, 20.0)):
+        return [{"depth": d, "loss": x, "forward_flops_per_token": f} for d, x, f in zip((1, 2), losses, flops)]
+
+    results = [
+        {"point": "elastic_euler", "seed_everything": 0, "evaluation": curve([3.0, 2.0])},
+        {"point": "elastic_euler", "seed_everything": 1, "evaluation": curve([3.2, 2.2])},
+        {"point": "layerdrop_0.2", "seed_everything": 0, "evaluation": curve([3.5, 2.0])},
+        {"point": "layerdrop_0.2", "seed_everything": 1, "evaluation": curve([3.5, 2.1])},
+        {"point": "transformer_1", "seed_everything": 0, "evaluation": curve([2.9])},
+        {"point": "transformer_1", "seed_everything": 1, "evaluation": curve([3.2])},
+    ]
+    study_v2 = [{"point": "transformer_8", "seed_everything": 0, "val/loss": 1.5},
+                {"point": "euler_x4", "seed_everything": 0, "val/loss": 1.9},  # a depth this study has no curve at
+                {"point": "rk4_x4", "seed_everything": 0, "val/loss": 1.0}]    # no separately trained Transformer
+    rows = elastic_depth.depth_rows(results, study_v2)
+    assert [(r["point"], r["seed_everything"], r["loss"]) for r in rows if r["model"] == "separate"] == [
+        ("separate@1", 0, 2.9), ("separate@1", 1, 3.2), ("separate@4", 0, 1.9), ("separate@8", 0, 1.5)]
+    assert next(r for r in rows if r["point"] == "separate@8")["forward_flops_per_token"] is None
+    differences = {(d["depth"], d["against"]): d for d in elastic_depth.comparisons(rows)}
+    assert differences[1, "layerdrop_0.2"] == {"depth": 1, "against": "layerdrop_0.2", "mean": pytest.approx(-0.4),
+                                               "se": pytest.approx(0.1), "n": 2}
+    assert differences[1, "separate"]["mean"] == pytest.approx(0.05) and differences[1, "separate"]["se"] == pytest.approx(0.05)
+    assert differences[2, "layerdrop_0.2"]["mean"] == pytest.approx(0.05)
+    assert elastic_depth.claim(list(differences.values())).splitlines() == [
+        "- depth 1: matches or beats every LayerDrop model: yes; within 0.02 nats of the Transformer trained at "
+        "this depth: no (+0.0500 +/- 0.0500)",
+        # +0.05 +/- 0.05: not above zero by more than 2 standard errors.
+        "- depth 2: matches or beats every LayerDrop model: yes; within 0.02 nats of the Transformer trained at "
+        "this depth: not measured"]
+    # A separately trained model whose FLOPs differ from LayerDrop's at its depth is another model: refused.
+    results[4]["evaluation"] = curve([2.9], flops=(11.0,))
+    with pytest.raises(ValueError, match="a 1-layer Transformer costs 11.0 FLOPs per token, LayerDrop pruned"):
+        elastic_depth.depth_rows(results, [])
