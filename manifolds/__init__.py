@@ -20,7 +20,7 @@ adds:
 from geoopt import Euclidean
 
 from .boundary import at_boundary, boundary_margin
-from .distributions import HaarSO3, Mixture, StandardNormal, UniformSphere, VonMisesFisher, WrappedNormal
+from .distributions import HaarSO3, Mixture, Product, StandardNormal, UniformSphere, VonMisesFisher, WrappedNormal
 from .chart import AffineChart
 from .contract import ManifoldContractError, check_contract
 from .lie import LowRankSkew, LowRankSphereAction, SOnAction, SphereAction, StiefelAction, bracket
@@ -36,6 +36,7 @@ __all__ = [
     "LowRankSphereAction",
     "ManifoldContractError",
     "Mixture",
+    "Product",
     "RMSSphere",
     "SOnAction",
     "SpecialOrthogonal",

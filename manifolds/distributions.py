@@ -1,8 +1,9 @@
 """Base distributions for flows on manifolds: ``log_prob`` and ``sample``.
 
 Densities are with respect to the manifold's Riemannian volume (on a sphere: its surface area; on the
-Poincaré ball: ``lambda(x)^d dx``), the measure that ``solvers.divergence`` tracks. Each distribution
-names its ``manifold``, which ``solvers.CNF`` checks against the flow's.
+Poincaré ball: ``lambda(x)^d dx``; on a product: the product of the factors'), the measure that
+``solvers.divergence`` tracks. Each distribution names its ``manifold``, which ``solvers.CNF``
+checks against the flow's.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from .sphere import Sphere
 
-__all__ = ["HaarSO3", "Mixture", "StandardNormal", "UniformSphere", "VonMisesFisher", "WrappedNormal"]
+__all__ = ["HaarSO3", "Mixture", "Product", "StandardNormal", "UniformSphere", "VonMisesFisher", "WrappedNormal"]
 
 
 class StandardNormal:
@@ -53,41 +54,80 @@ class UniformSphere:
 
 
 class VonMisesFisher:
-    """The von Mises-Fisher distribution on the unit sphere ``S^2``: density ``C(kappa) e^{kappa mu.x}``.
+    """The von Mises-Fisher distribution on the unit circle ``S^1`` or sphere ``S^2``: density ``C e^{kappa mu.x}``.
 
-    ``C(kappa) = kappa / (4 pi sinh kappa)`` (the closed form in three dimensions; other dimensions
-    need Bessel functions of arbitrary order, which torch lacks, and are refused). Sampling inverts
-    the distribution of ``w = mu.x``, ``w = 1 + log(u + (1 - u) e^{-2 kappa}) / kappa``, and draws
-    the direction orthogonal to ``mu`` uniformly.
+    On ``S^2``, ``C(kappa) = kappa / (4 pi sinh kappa)``; on ``S^1`` (the von Mises distribution of
+    the angle, with respect to arc length) ``C(kappa) = 1 / (2 pi I_0(kappa))``. Other dimensions
+    need Bessel functions of arbitrary order, which torch lacks, and are refused. Sampling on ``S^2``
+    inverts the distribution of ``w = mu.x``, ``w = 1 + log(u + (1 - u) e^{-2 kappa}) / kappa``, and
+    draws the direction orthogonal to ``mu`` uniformly; on ``S^1`` it draws the angle from ``mu``
+    by Best and Fisher's (1979) rejection from a wrapped Cauchy envelope.
 
     Args:
-        mu: the mean direction, a unit vector of 3 entries.
+        mu: the mean direction, a unit vector of 2 (``S^1``) or 3 (``S^2``) entries.
         kappa: the concentration, > 0.
     """
 
     def __init__(self, mu: torch.Tensor, kappa: float):
-        if mu.shape != (3,):
-            raise ValueError(f"VonMisesFisher here is on S^2: mu must have 3 entries, got shape {tuple(mu.shape)}")
+        if mu.shape not in ((2,), (3,)):
+            raise ValueError(f"VonMisesFisher here is on S^1 or S^2: mu must have 2 or 3 entries, "
+                             f"got shape {tuple(mu.shape)}")
         if not (math.isfinite(kappa) and kappa > 0):
             raise ValueError(f"kappa must be positive and finite, got {kappa}")
         self.mu, self.kappa, self.manifold = mu / mu.norm(), float(kappa), Sphere(1.0)
-        # log C = log kappa - log 4 pi - log sinh kappa, with log sinh k = k + log(1 - e^{-2k}) - log 2.
-        self.log_c = math.log(kappa) - math.log(2 * math.pi) - kappa - math.log1p(-math.exp(-2 * kappa))
+        self.d = mu.shape[0]
+        if self.d == 3:
+            # log C = log kappa - log 4 pi - log sinh kappa, with log sinh k = k + log(1 - e^{-2k}) - log 2.
+            self.log_c = math.log(kappa) - math.log(2 * math.pi) - kappa - math.log1p(-math.exp(-2 * kappa))
+        else:
+            # log I_0(k) = log(i0e(k)) + k: the scaled Bessel function does not overflow for large k.
+            log_i0 = math.log(torch.special.i0e(torch.tensor(kappa, dtype=torch.float64)).item()) + kappa
+            self.log_c = -math.log(2 * math.pi) - log_i0
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        _check_on(self.manifold, x, 3)
+        _check_on(self.manifold, x, self.d)
         return self.log_c + self.kappa * (x @ self.mu.to(x))
 
     def sample(self, n: int, *, dtype=None, generator=None) -> torch.Tensor:
         dtype = dtype or self.mu.dtype
+        mu = self.mu.to(dtype)
+        if self.d == 2:
+            angle = _von_mises_angles(n, self.kappa, dtype, generator)
+            return angle.cos()[:, None] * mu + angle.sin()[:, None] * torch.stack([-mu[1], mu[0]])
         u = torch.rand(n, dtype=dtype, generator=generator)
         k = self.kappa
         w = 1 + torch.log(u + (1 - u) * math.exp(-2 * k)) / k  # mu.x, in [-1, 1]
         v = torch.randn(n, 3, dtype=dtype, generator=generator)
-        mu = self.mu.to(dtype)
         v = v - (v @ mu)[:, None] * mu  # a direction orthogonal to mu
         v = v / v.norm(dim=-1, keepdim=True)
         return w[:, None] * mu + torch.sqrt((1 - w * w).clamp_min(0))[:, None] * v
+
+
+def _von_mises_angles(n: int, kappa: float, dtype, generator) -> torch.Tensor:
+    """``n`` angles in ``[-pi, pi]`` of density ``e^{kappa cos theta} / (2 pi I_0(kappa))`` (Best and Fisher 1979).
+
+    Proposals ``f = cos theta`` come from a wrapped Cauchy envelope of parameter ``rho``; the test
+    ``c (2 - c) > u`` accepts most of them cheaply, ``log(c / u) + 1 - c >= 0`` is the exact one.
+    Rounds of proposals repeat until ``n`` are accepted (at every ``kappa`` at least 0.65 of them are).
+    """
+    # rho = (tau - sqrt(2 tau)) / (2 kappa), tau = 1 + sqrt(1 + 4 kappa^2), rewritten without the
+    # cancellation of tau - sqrt(2 tau) as kappa -> 0 (where rho ~ kappa / 2).
+    root = math.sqrt(1 + 4 * kappa**2)
+    tau = 1 + root
+    rho = 2 * kappa * tau / ((root + 1) * (tau + math.sqrt(2 * tau)))
+    r = (1 + rho**2) / (2 * rho)
+    angles, count = [], 0
+    while count < n:
+        m = 2 * (n - count) + 16  # enough for one round, usually
+        u1, u2, u3 = torch.rand(3, m, dtype=torch.float64, generator=generator)
+        z = torch.cos(math.pi * u1)
+        f = (1 + r * z) / (r + z)
+        c = kappa * (r - f)
+        accept = (c * (2 - c) > u2) | (torch.log(c / u2) + 1 - c >= 0)
+        theta = torch.sign(u3 - 0.5) * torch.acos(f.clamp(-1, 1))
+        angles.append(theta[accept])
+        count += int(accept.sum())
+    return torch.cat(angles)[:n].to(dtype)
 
 
 class HaarSO3:
@@ -195,6 +235,40 @@ class Mixture:
         counts = torch.bincount(which, minlength=len(self.components)).tolist()
         points = torch.cat([c.sample(k, dtype=dtype, generator=generator) for c, k in zip(self.components, counts)])
         return points[torch.randperm(n, generator=generator)]
+
+
+class Product:
+    """Independent distributions on the factors of a product manifold: ``p(x) = prod_i p_i(x_i)``.
+
+    A point is the concatenation of one point of each factor (vectors only), and the manifold is
+    ``geoopt.ProductManifold`` of the factors' manifolds, whose volume is the product of theirs: so
+    the log-density is the sum of the factors'. The flat torus ``T^2`` is the product of two unit
+    circles: ``Product([UniformSphere(2), UniformSphere(2)])`` is uniform on it (density ``1 / (2 pi)^2``
+    in the angles), ``Product([VonMisesFisher(mu1, k1), VonMisesFisher(mu2, k2)])`` a product of von
+    Mises distributions, with points ``(cos a1, sin a1, cos a2, sin a2)``.
+
+    Args:
+        factors: distributions with ``log_prob``, ``sample``, a ``manifold`` and the size ``d`` of their
+            (vector) points.
+    """
+
+    def __init__(self, factors: list):
+        if not factors:
+            raise ValueError("a product needs at least one factor")
+        for f in factors:
+            if getattr(f, "manifold", None) is None or not isinstance(getattr(f, "d", None), int):
+                raise ValueError(f"a factor of a product needs a manifold and a point size d (vector points): "
+                                 f"{type(f).__name__} has not both")
+        self.factors, self.sizes = list(factors), [f.d for f in factors]
+        self.d = sum(self.sizes)
+        self.manifold = geoopt.ProductManifold(*[(f.manifold, f.d) for f in factors])
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        _check_shape(x, self.d)  # each factor checks that its part lies on its manifold
+        return sum(f.log_prob(part) for f, part in zip(self.factors, x.split(self.sizes, -1)))
+
+    def sample(self, n: int, *, dtype=None, generator=None) -> torch.Tensor:
+        return torch.cat([f.sample(n, dtype=dtype, generator=generator) for f in self.factors], -1)
 
 
 def _log_sinhc(s: torch.Tensor) -> torch.Tensor:

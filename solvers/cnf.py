@@ -77,15 +77,22 @@ class CNF(nn.Module):
         return x, self.base.log_prob(z) + change
 
 
+def _same_manifold(a, b) -> bool:
+    """Whether ``a`` and ``b`` are one manifold for densities: kind, radius or curvature, and for
+    products the factors with their point shapes, in order."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, geoopt.ProductManifold):
+        return list(a.shapes) == list(b.shapes) and all(map(_same_manifold, a.manifolds, b.manifolds))
+    if isinstance(a, geoopt.Euclidean):  # Euclidean's ndim is a batching convention only
+        return True
+    # The radius (extra_repr) or curvature (k) sets the volume a density is normalised over.
+    return a.extra_repr() == b.extra_repr() and (
+        not isinstance(a, geoopt.Stereographic) or math.isclose(a.k.item(), b.k.item(), rel_tol=1e-6))
+
+
 def _check_base(base, manifold) -> None:
     """``ValueError`` if ``base`` says it lives on a manifold other than ``manifold``."""
     own = getattr(base, "manifold", None)
-    if own is None:
-        return
-    same = type(own) is type(manifold)
-    if same and not isinstance(own, geoopt.Euclidean):  # Euclidean's ndim is a batching convention only
-        # The radius (extra_repr) or curvature (k) sets the volume a density is normalised over.
-        same = own.extra_repr() == manifold.extra_repr() and (
-            not isinstance(own, geoopt.Stereographic) or math.isclose(own.k.item(), manifold.k.item(), rel_tol=1e-6))
-    if not same:
+    if own is not None and not _same_manifold(own, manifold):
         raise ValueError(f"the base distribution {type(base).__name__} lives on {own!r}, not on the flow's {manifold!r}")

@@ -79,7 +79,7 @@ def test_log_prob_trains_and_refuses_points_off_the_sphere():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in cnf.parameters())
     with pytest.raises(ValueError, match="log_prob was asked at points off Sphere"):
         cnf.log_prob(2 * x)
-    with pytest.raises(ValueError, match="mu must have 3 entries"):
+    with pytest.raises(ValueError, match="mu must have 2 or 3 entries"):
         VonMisesFisher(torch.ones(4, dtype=F64), 1.0)
 
 
@@ -205,6 +205,18 @@ def test_wrapped_normal_refuses_bad_input_in_one_line():
         CNF(Field(), manifolds.Sphere(2.0), UniformSphere(3))
 
 
+def test_a_product_base_must_match_the_flow_factor_by_factor():
+    circle = VonMisesFisher(torch.tensor([1.0, 0.0], dtype=F64), 2.0)
+    torus = manifolds.distributions.Product([circle, circle])
+    CNF(Field(), geoopt.ProductManifold((manifolds.Sphere(), 2), (manifolds.Sphere(), 2)), torus)  # the same torus
+    for other in (geoopt.ProductManifold((manifolds.Sphere(), 2), (manifolds.Sphere(2.0), 2)),  # another radius
+                  geoopt.ProductManifold((manifolds.Sphere(), 2), (geoopt.Euclidean(1), 2)),   # another factor
+                  geoopt.ProductManifold((manifolds.Sphere(), 2), (manifolds.Sphere(), 3)),   # another size
+                  geoopt.ProductManifold((manifolds.Sphere(), 2),)):                          # fewer factors
+        with pytest.raises(ValueError, match=r"lives on \(Sphere\)x\(Sphere\) manifold, not on the flow's"):
+            CNF(Field(), other, torus)
+
+
 class Field2(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -233,3 +245,140 @@ def test_a_vmf_mixture_integrates_to_one_and_draws_each_component_by_its_weight(
         manifolds.Mixture([UniformSphere(3), WrappedNormal(torch.zeros(3, dtype=F64), 1.0)])
     with pytest.raises(ValueError, match="need one finite weight >= 0 per component"):
         manifolds.Mixture([UniformSphere(3)], [float("nan")])
+
+
+# The circle and the flat torus: von Mises distributions, products of them, a CNF on the product of two circles.
+
+def circle_points(angles):
+    return torch.stack([angles.cos(), angles.sin()], -1)
+
+
+def torus_grid(n):
+    """The ``n x n`` grid of angle pairs on the flat torus, as points ``(cos a1, sin a1, cos a2, sin a2)``, and
+    the trapezoid weight ``(2 pi / n)^2`` (spectrally accurate for smooth periodic densities)."""
+    a = torch.arange(n, dtype=F64) * 2 * math.pi / n - math.pi
+    a1, a2 = torch.meshgrid(a, a, indexing="ij")
+    points = torch.cat([circle_points(a1.reshape(-1)), circle_points(a2.reshape(-1))], -1)
+    return points, (2 * math.pi / n) ** 2
+
+
+@pytest.mark.parametrize("kappa", [0.05, 1.5, 60.0])
+def test_von_mises_on_the_circle_integrates_to_one_and_is_the_angles_von_mises_density(kappa):
+    mu = torch.tensor([0.6, -0.8], dtype=F64)
+    vm = VonMisesFisher(mu, kappa)
+    n = 4000
+    theta = torch.arange(n, dtype=F64) * 2 * math.pi / n  # periodic trapezoid: exact to rounding here
+    x = circle_points(theta)
+    assert (vm.log_prob(x).exp().sum() * 2 * math.pi / n).item() == pytest.approx(1.0, abs=1e-12)
+    # The angle from mu has torch's von Mises density (its log I_0 is a polynomial fit: off by 4e-7 at kappa 60).
+    angle = torch.atan2(mu[0] * x[:, 1] - mu[1] * x[:, 0], x @ mu)
+    want = torch.distributions.VonMises(torch.tensor(0.0, dtype=F64), torch.tensor(kappa, dtype=F64)).log_prob(angle)
+    torch.testing.assert_close(vm.log_prob(x), want, rtol=0, atol=1e-6)
+
+
+def assert_mean_resultant_length(cosines, kappa):
+    """The sample mean of ``cos(angle from mu)`` is within 4 standard errors of ``I_1(kappa) / I_0(kappa)``."""
+    k = torch.tensor(kappa, dtype=F64)
+    want = (torch.special.i1e(k) / torch.special.i0e(k)).item()  # the scaled Bessel functions' ratio is the same
+    assert abs(cosines.mean().item() - want) < 4 * cosines.std().item() / math.sqrt(len(cosines))
+
+
+@pytest.mark.parametrize("kappa", [1e-3, 0.5, 4.0, 1e3])
+def test_von_mises_samples_pass_a_ks_test_against_the_quadrature_cdf(kappa):
+    mu = torch.tensor([-1.0, 1.0], dtype=F64) / math.sqrt(2)
+    vm = VonMisesFisher(mu, kappa)
+    x = vm.sample(20000, generator=torch.Generator().manual_seed(11))
+    assert x.dtype == F64 and (x.norm(dim=-1) - 1).abs().max() < 1e-12
+    across = torch.stack([-mu[1], mu[0]])  # mu turned by 90 degrees
+    angle, _ = torch.atan2(x @ across, x @ mu).sort()  # from mu, in [-pi, pi]
+    # The CDF of the angle on a fine grid (cumulative trapezoid of the density), interpolated linearly.
+    grid = torch.linspace(-math.pi, math.pi, 200001, dtype=F64)
+    density = vm.log_prob(grid.cos()[:, None] * mu + grid.sin()[:, None] * across).exp()
+    steps = (density[1:] + density[:-1]) / 2 * (grid[1] - grid[0])
+    cdf = torch.cat([torch.zeros(1, dtype=F64), torch.cumsum(steps, 0)])
+    assert cdf[-1].item() == pytest.approx(1.0, abs=1e-9)
+    at = np.interp(angle.numpy(), grid.numpy(), cdf.numpy())
+    empirical = np.arange(1, len(at) + 1) / len(at)
+    ks = max(np.max(empirical - at), np.max(at - (empirical - 1 / len(at))))
+    assert ks < 1.63 / math.sqrt(len(at)), ks  # the 1% critical value
+    assert_mean_resultant_length(x @ mu, kappa)
+
+
+def test_a_product_of_von_mises_is_normalised_on_the_torus_and_its_factors_are_independent():
+    mus = [torch.tensor([math.cos(a), math.sin(a)], dtype=F64) for a in (2.5, -1.0)]
+    product = manifolds.Product([VonMisesFisher(mus[0], 3.0), VonMisesFisher(mus[1], 0.7)])
+    assert product.d == 4 and isinstance(product.manifold, geoopt.ProductManifold)
+    x, w = torus_grid(128)
+    assert (product.log_prob(x).exp() * w).sum().item() == pytest.approx(1.0, abs=1e-12)
+    factors = product.factors[0].log_prob(x[:, :2]) + product.factors[1].log_prob(x[:, 2:])
+    torch.testing.assert_close(product.log_prob(x), factors)
+    samples = product.sample(20000, generator=torch.Generator().manual_seed(12))
+    assert product.manifold.check_point_on_manifold(samples)
+    c1, c2 = samples[:, :2] @ mus[0], samples[:, 2:] @ mus[1]
+    assert_mean_resultant_length(c1, 3.0)
+    assert_mean_resultant_length(c2, 0.7)
+    r = torch.corrcoef(torch.stack([c1, c2]))[0, 1].item()  # independent factors: uncorrelated
+    assert abs(r) < 4 / math.sqrt(len(c1))
+    uniform = manifolds.Product([UniformSphere(2), UniformSphere(2)])
+    torch.testing.assert_close(uniform.log_prob(x), torch.full((len(x),), -2 * math.log(2 * math.pi), dtype=F64))
+
+
+def test_a_mixture_of_products_integrates_to_one_on_the_torus_and_bad_input_is_refused():
+    def component(a1, a2, k1, k2):
+        return manifolds.Product([VonMisesFisher(circle_points(torch.tensor(a1, dtype=F64)), k1),
+                                  VonMisesFisher(circle_points(torch.tensor(a2, dtype=F64)), k2)])
+
+    mixture = manifolds.Mixture([component(3.0, 3.0, 20.0, 8.0), component(-1.0, 0.5, 2.0, 30.0)], [2.0, 1.0])
+    x, w = torus_grid(256)
+    assert (mixture.log_prob(x).exp() * w).sum().item() == pytest.approx(1.0, abs=1e-10)
+    with pytest.raises(ValueError, match="points must have 4 coordinates"):
+        mixture.log_prob(x[:, :3])
+    with pytest.raises(ValueError, match="asked at points off it"):
+        mixture.log_prob(2 * x)
+    with pytest.raises(ValueError, match="HaarSO3 has not both"):
+        manifolds.Product([UniformSphere(2), manifolds.HaarSO3()])
+    with pytest.raises(ValueError, match="mu must have 2 or 3 entries"):
+        VonMisesFisher(torch.ones(1, dtype=F64), 1.0)
+
+
+class TorusField(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(13)
+        self.w1 = torch.nn.Parameter(torch.randn(16, 4, dtype=F64, generator=g))
+        self.w2 = torch.nn.Parameter(torch.randn(4, 16, dtype=F64, generator=g) / 5)
+
+    def forward(self, t, x):
+        return torch.tanh(x @ self.w1.T) @ self.w2.T
+
+
+def test_the_divergence_on_the_torus_is_the_angle_coordinates_divergence():
+    # On the flat torus the angles are isometric coordinates: div F = sum_i d g_i / d a_i, with g_i the field's
+    # component along the i-th circle's unit tangent (-sin a_i, cos a_i); here by autograd in the angles.
+    torus = manifolds.Product([UniformSphere(2), UniformSphere(2)]).manifold
+    field = TorusField()
+    angles = torch.rand(8, 2, dtype=F64, generator=torch.Generator().manual_seed(14)) * 2 * math.pi
+
+    def in_angles(a):
+        x = torch.cat([circle_points(a[0]), circle_points(a[1])])
+        f = field(0.0, x)
+        return torch.stack([-a[0].sin() * f[0] + a[0].cos() * f[1], -a[1].sin() * f[2] + a[1].cos() * f[3]])
+
+    want = torch.stack([torch.autograd.functional.jacobian(in_angles, a).trace() for a in angles])
+    x = torch.cat([circle_points(angles[:, 0]), circle_points(angles[:, 1])], -1)
+    from solvers import divergence
+
+    torch.testing.assert_close(divergence(field, 0.0, x, torus), want, rtol=0, atol=1e-12)
+
+
+def test_a_cnf_on_the_torus_integrates_to_one_and_agrees_with_its_samples():
+    base = manifolds.Product([UniformSphere(2), UniformSphere(2)])
+    cnf = CNF(TorusField(), base.manifold, base)
+    x, w = torus_grid(96)
+    with torch.no_grad():
+        logp = cnf.log_prob(x)
+    assert logp.max() - logp.min() > 3  # the flow moved mass
+    assert (logp.exp() * w).sum().item() == pytest.approx(1.0, abs=1e-6)  # measured: 4e-8 (rk4's 20 steps)
+    samples, logq = cnf.sample_and_log_prob(64, generator=torch.Generator().manual_seed(15))
+    assert base.manifold.check_point_on_manifold(samples, atol=1e-12, rtol=0)
+    torch.testing.assert_close(cnf.log_prob(samples), logq, rtol=0, atol=1e-5)
