@@ -6,7 +6,7 @@ placeholders (``$table``, ``$plot``, ...) that the study fills; tables are rende
 the plot comes from a small declarative spec::
 
     {"x": "train_flops_per_token", "y": "val/loss", "group": "point", "logx": true,
-     "logy": false, "errorbars": true, "xlabel": "...", "ylabel": "..."}
+     "logy": false, "errorbars": true, "xlabel": "...", "ylabel": "...", "ylim": [1.6, 1.9]}
 
 (with ``errorbars`` the rows sharing a group and an x are drawn as their mean with the standard
 error over them, i.e. over seeds). ``paired_difference`` gives the per-seed difference of a
@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 TEMPLATES = Path(__file__).parent / "templates"
-PLOT_KEYS = {"x", "y", "group", "logx", "logy", "errorbars", "xlabel", "ylabel"}
+PLOT_KEYS = {"x", "y", "group", "logx", "logy", "errorbars", "xlabel", "ylabel", "ylim"}
 
 __all__ = ["bullets", "markdown_table", "mean_se", "paired_difference", "plot", "render", "write_csv", "write_study"]
 
@@ -105,6 +105,8 @@ def plot(path: Path, rows: list[dict], spec: dict) -> Path | None:
             ax.plot(*zip(*pairs), "o", label=name or None)
     ax.set_xscale("log" if spec.get("logx") else "linear")
     ax.set_yscale("log" if spec.get("logy") else "linear")
+    if spec.get("ylim"):  # [low, high]: points outside are off the chart, the table keeps them
+        ax.set_ylim(*spec["ylim"])
     ax.set_xlabel(spec.get("xlabel", x))
     ax.set_ylabel(spec.get("ylabel", y))
     if group:
