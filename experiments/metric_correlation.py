@@ -1,8 +1,9 @@
 """Do the SVFlow metrics correlate with validation loss across the solver sweep's trained models?
 
-For every model ``experiments.solver_sweep`` saved (one per configuration and seed), on fixed
-validation windows, unshuffled: KL(q||p), KL(q||U), KL(p||U) and kappa per layer
-(``svflow_ode.diagnostics``, the definitions of ``experiments.svflow_analyses``), and
+For every model the solver sweep trained (``experiments/grids/solver_sweep.yaml``: one point per
+configuration and seed, with its ``checkpoints/last.ckpt`` and ``result.json``), on fixed
+validation windows of the data it trained on, unshuffled: KL(q||p), KL(q||U), KL(p||U) and kappa
+per layer (``svflow_ode.diagnostics``, the definitions of ``experiments.svflow_analyses``), and
 ``Δ(-log p_t)`` of the next character with the whole prefix shuffled. Per model each metric is
 one number: the mean over layers of the per-layer mean over heads and queries. Then Spearman and
 Pearson correlation with the models' validation losses, with permutation p-values, over all
@@ -13,6 +14,7 @@ configurations (seed deviations from the configuration's mean).
 attention evaluation (every stage of every step) is attributed to the layer holding its own time
 (``diagnostics.recording.layer_of``) and the layer's value is the mean over its evaluations.
 
+    python -m experiments.sweep experiments/grids/solver_sweep.yaml --jobs 2   # the models
     python -m experiments.metric_correlation [--models runs/solver_sweep] [--windows 128] [--smoke]
 
 writes experiments/results/metric_correlation.{md,csv,png}.
@@ -31,25 +33,49 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from experiments.char_lm import DATA, CharData  # noqa: E402
-from experiments.solver_sweep import COLOURS, load_run  # noqa: E402
+from experiments.elastic_depth import read_results  # noqa: E402
+from experiments.evaluate import load  # noqa: E402
 from experiments.svflow_analyses import LABELS as ANALYSES_LABELS  # noqa: E402
 from svflow_ode.diagnostics import METRICS as ATTENTION_METRICS  # noqa: E402
 from svflow_ode.diagnostics import Options, pearson, permutation_p, prefix_shuffle_study, spearman  # noqa: E402
 from svflow_ode.lm import SVFlowLM  # noqa: E402
+from svflow_ode.training import LitSVFlow  # noqa: E402
+from svflow_ode.training.data import seeded_generator  # noqa: E402
 
 METRICS = (*ATTENTION_METRICS, "d_nll", "d_nll_out")
 LABELS = {**ANALYSES_LABELS, "d_nll": "Δ(-log p_t), layer mean (lens)", "d_nll_out": "Δ(-log p_t) at the output"}
+COLOURS = {"euler": "tab:blue", "midpoint": "tab:orange", "heun": "tab:green", "rk4": "tab:red",
+           "dopri5": "tab:purple", "rkmk4": "tab:brown"}
+FLOW = "sphere"  # the norm of the sweep's one architecture for every solver; post_ln is its reference
 
 
 def load_sweep_models(directory: Path) -> list[tuple[SVFlowLM, dict]]:
-    """Every model the sweep saved in ``directory`` (``solver_sweep.load_run``), in file-name order."""
-    models = [load_run(path) for path in sorted(directory.glob("*.pt"))]
+    """Every finished point of the sweep in ``directory``, in directory order: its model (eval mode)
+    and its record (``run``: the point, ``arch``: the model's norm, ``method``, ``steps``, ``seed``,
+    ``val_loss``: the fit's last ``val/loss``)."""
+    models = []
+    for result in read_results(directory):
+        point = directory / f"{result['point']}_seed_everything-{result['seed_everything']}"
+        model = LitSVFlow.load_from_checkpoint(point / "checkpoints" / "last.ckpt", map_location="cpu",
+                                               weights_only=True).model.eval()
+        models.append((model, {"run": result["point"], "arch": model.norm, "method": result["method"],
+                               "steps": result["steps"], "seed": result["seed_everything"],
+                               "val_loss": result["val/loss"]}))
     if len(models) < 3:
-        raise ValueError(f"{directory} holds {len(models)} saved models; a correlation needs at least 3")
+        raise ValueError(f"{directory} holds {len(models)} finished sweep points; a correlation needs at least 3")
     return models
+
+
+def sweep_data(directory: Path, run: str, seed: int):
+    """The data module the sweep point ``run``, ``seed`` in ``directory`` trained on (from its saved
+    configuration), and a few words saying which data that is."""
+    config = yaml.safe_load((directory / f"{run}_seed_everything-{seed}" / "config.yaml").read_text())["data"]
+    init_args = config.get("init_args") or {}
+    name = config["class_path"].rsplit(".", 1)[-1]
+    return load(config["class_path"])(**init_args), (f"{name} {init_args['path']}" if "path" in init_args else name)
 
 
 def model_metrics(model: SVFlowLM, ids: torch.Tensor, targets: torch.Tensor, args) -> dict[str, float]:
@@ -73,7 +99,7 @@ def correlations(rows: list[dict], args) -> list[dict]:
     n = args.permutations
     runs = list(dict.fromkeys(r["run"] for r in rows))
     groups = torch.tensor([runs.index(r["run"]) for r in rows])  # the configuration of each model
-    flow = torch.tensor([r["arch"] == "flow" for r in rows])
+    flow = torch.tensor([r["arch"] == FLOW for r in rows])
     loss = torch.tensor([r["val_loss"] for r in rows])
     table = []
     for m in METRICS:
@@ -96,7 +122,7 @@ def plot(rows: list[dict], table: list[dict], path: Path) -> None:
     for ax, stats in zip(axes.flat, table):
         m = stats["metric"]
         for method in dict.fromkeys(r["method"] for r in rows):
-            for arch, marker in (("flow", "o"), ("post_ln", "s")):
+            for arch, marker in ((FLOW, "o"), ("post_ln", "s")):
                 mine = [r for r in rows if r["method"] == method and r["arch"] == arch]
                 if mine:
                     colour = "grey" if arch == "post_ln" else COLOURS[method]
@@ -172,10 +198,11 @@ def write_md(rows, table, args, source: str, path: Path) -> None:
         "# Do the SVFlow metrics correlate with validation loss across the solver sweep's models?"
         + (" — SMOKE RUN, not a result" if args.smoke else ""),
         "",
-        f"Models: the {len(rows)} models `experiments.solver_sweep` trained and saved in `{args.models}` "
-        f"({len(runs)} configurations: {', '.join(runs)}); validation loss as the sweep measured it. Metrics on "
-        f"{args.windows} fixed validation windows of {source} (the model's context length, target = the next "
-        f"character), float32 forward passes, metrics in float64. Definitions: {Options().describe()}. "
+        f"Models: the {len(rows)} models the solver sweep (`experiments/grids/solver_sweep.yaml`) trained in "
+        f"`{args.models}` ({len(runs)} configurations: {', '.join(runs)}); validation loss as the sweep measured "
+        f"it. Metrics on {args.windows} fixed validation windows of {source} (the model's context length, "
+        f"target = the next character), float32 forward passes, metrics in float64. Definitions: "
+        f"{Options().describe()}. "
         "KL(q||p), KL(q||U), KL(p||U), κ: per layer the mean over heads, real queries and the layer's attention "
         "evaluations, where layer k is the flow time [k, k+1) and each evaluation (every stage of every solver "
         "step; adaptive dopri5 included) counts for the layer holding its own time; per model the mean over "
@@ -232,8 +259,8 @@ def write_md(rows, table, args, source: str, path: Path) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", type=Path, default=Path("runs/solver_sweep"), help="the sweep's saved models")
-    parser.add_argument("--data", type=Path, default=DATA, help="the sweep's text file")
+    parser.add_argument("--models", type=Path, default=Path("runs/solver_sweep"),
+                        help="the solver sweep's output directory")
     parser.add_argument("--windows", type=int, default=128, help="validation windows the metrics are measured on")
     parser.add_argument("--rate", type=float, default=1.0, help="prefix shuffle rate of Δ(-log p_t)")
     parser.add_argument("--permutations", type=int, default=4999)
@@ -248,20 +275,20 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     models = load_sweep_models(args.models)
-    data = CharData.load(args.data)
-    windows = data.windows("val", args.windows, models[0][0].context + 1, torch.Generator().manual_seed(4321))
-    ids, targets = windows[:, :-1], windows[:, -1]
+    first = models[0][1]
+    data, source = sweep_data(args.models, first["run"], first["seed"])  # every point trained on the same data
+    ids, labels = data.draw(args.windows, seeded_generator(4321), "val")
+    targets = labels[:, -1]  # the character after the last input
     rows = []
-    for model, saved in tqdm(models, desc="models"):
-        rows.append({**{key: saved[key] for key in ("run", "arch", "method", "steps", "seed", "val_loss")},
-                     **model_metrics(model, ids, targets, args)})
+    for model, record in tqdm(models, desc="models"):
+        rows.append({**record, **model_metrics(model, ids, targets, args)})
     with open(args.out.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     table = correlations(rows, args)
     plot(rows, table, args.out.with_suffix(".png"))
-    write_md(rows, table, args, data.source, args.out.with_suffix(".md"))
+    write_md(rows, table, args, source, args.out.with_suffix(".md"))
     print(args.out.with_suffix(".md").read_text())
 
 

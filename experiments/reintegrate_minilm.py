@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import svflow_ode  # noqa: E402
-from experiments.solver_sweep import write_csv  # noqa: E402
+from experiments.report import write_csv  # noqa: E402
 from svflow_ode.diagnostics import spearman  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights ship with the package; nothing may download
@@ -224,7 +224,7 @@ def main(argv=None):
             rows.append({"method": name, "nfe": out.stats.nfe, "wall_s": time.perf_counter() - start,
                          **measure(reference, embeddings[name], pairs, index)})
     ref_error = float((embeddings[rows[0]["method"]] - reference).abs().max())
-    write_csv(rows, args.out.with_suffix(".csv"))
+    write_csv(args.out.with_suffix(".csv"), rows)
     plot(rows, reference, embeddings, args.out.with_suffix(".png"))
     gains = torch.cat([term.manifold.weight.detach() for block in model.blocks for term in block.terms])
     write_md(rows, len(texts), len(pairs), ref_error, gains, args.smoke, args.out.with_suffix(".md"))

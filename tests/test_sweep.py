@@ -134,7 +134,7 @@ def test_report_files(tmp_path):
     assert [p.name for p in paths] == ["t.csv", "t.png", "t.md"]
     assert "| a | 2 |" in (tmp_path / "t.md").read_text()
     mean, se = statistics.fmean([2.0, 2.01, 2.02]), statistics.stdev([2.0, 2.01, 2.02]) / math.sqrt(3)
-    assert report._mean_se([2.0, 2.01, 2.02]) == pytest.approx((mean, se))
+    assert report.mean_se([2.0, 2.01, 2.02]) == pytest.approx((mean, se))
 
 
 def test_points_run_seed_by_seed(tmp_path):

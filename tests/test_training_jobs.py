@@ -1,4 +1,4 @@
-"""Whole jobs: two-process DDP on CPU through the command line, and the main job's smoke run."""
+"""Whole jobs: two-process DDP on CPU through the command line, and the main job's grid at smoke size."""
 
 import csv
 import json
@@ -7,9 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
-from experiments import main_job
+from experiments import curves, sweep
 
 ROOT = Path(__file__).parents[1]
 
@@ -35,20 +33,29 @@ def test_ddp_on_cpu_with_two_processes(tmp_path):
     assert any(r.get("val/loss") for r in rows) and any(r.get("train/loss") for r in rows)
 
 
-def test_main_job_smoke(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["main_job"])  # the CLI runs in-process; pytest's arguments are not for it
-    threads = torch.get_num_threads()
-    try:
-        rows = main_job.main(["--smoke", "--out", str(tmp_path), "--runs", str(tmp_path / "runs"), "--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
-    assert [r["solver"] for r in rows] == list(main_job.SOLVERS)
+def test_main_job_grid_smoke(tmp_path):
+    # Euler and RK4 of the main job's grid (heun would add a third fit for nothing new), then the curves.
+    out = tmp_path / "main_job"
+    grid = ROOT / "experiments" / "grids" / "main_job.yaml"
+    assert sweep.main([str(grid), "--smoke", "--out", str(out), "--only", "euler", "rk4", "--jobs", "2"]) == 0
+    results = {point: json.loads((out / f"{point}_seed_everything-0" / "result.json").read_text())
+               for point in ("euler", "rk4")}
+    # One step per layer: RK4's four stages per step cost four times Euler's evaluations.
+    assert results["rk4"]["val/nfe"] == 4 * results["euler"]["val/nfe"] > 0
+    assert all(r["step"] == sweep.SMOKE["trainer.max_steps"] - 1 for r in results.values())
     for name in ("main_job.md", "main_job.csv", "main_job.png"):
-        assert (tmp_path / name).stat().st_size > 0
-    with open(tmp_path / "main_job.csv") as f:
+        assert (out / name).stat().st_size > 0
+    markdown = (out / "main_job.md").read_text()
+    assert "| euler |" in markdown and "| rk4 |" in markdown
+
+    # Validated after 2 and 4 steps; any accuracy reaches 0 at the first validation, half-way through.
+    assert curves.main([str(out), "--y", "val/acc", "--threshold", "0"]) == 0
+    with open(out / "curves.csv") as f:
         table = list(csv.DictReader(f))
-    assert [r["solver"] for r in table] == list(main_job.SOLVERS)
-    nfe = {r["solver"]: int(r["nfe_per_forward"]) for r in table}
-    assert nfe["rk4"] == 4 * nfe["euler"] and all(r["steps"] == "4" for r in table)
-    markdown = (tmp_path / "main_job.md").read_text()
-    assert all(f"| {solver} |" in markdown for solver in main_job.SOLVERS)
+    assert sorted((r["point"], r["step"]) for r in table) == [("euler", "2"), ("euler", "4"), ("rk4", "2"), ("rk4", "4")]
+    runs = curves.per_run(curves.curve_rows(out, "val/acc"), "step", "val/acc", threshold=0)
+    assert [(r["point"], r["first_reaching"]) for r in runs] == [("euler", 2), ("rk4", 2)]
+    for run in runs:
+        result = results[run["point"]]
+        assert run["last"] == result["val/acc"] and run["wall_s_to_threshold"] == result["wall_s"] / 2
+    assert "| euler | 0 |" in (out / "curves.md").read_text() and (out / "curves.png").stat().st_size > 0
