@@ -10,7 +10,7 @@ from smoke_outputs import assert_outputs, read_csv
 
 import manifolds
 from experiments import vmf_mixture
-from svflow_ode.training.flow_matching import LitFlowMatching, TangentMLP, VMFMixtureDataModule, main
+from svflow_ode.training.flow_matching import LitFlowMatching, TangentMLP, VMFMixtureDataModule, run
 
 ROOT = Path(__file__).parents[1]
 CONFIG = [f"--config={ROOT / 'experiments' / 'configs' / 'rfm_vmf_mixture.yaml'}",
@@ -24,14 +24,14 @@ pytestmark = pytest.mark.usefixtures("cli_in_tmp")  # in tmp_path, one thread, e
 
 
 def test_the_shipped_configuration_trains_validates_and_resumes(tmp_path):
-    main(["fit", *CONFIG])
-    run = tmp_path / "runs" / "rfm_vmf_mixture" / "version_0"
-    rows = read_csv(run / "metrics.csv")
+    run(["fit", *CONFIG])
+    directory = tmp_path / "runs" / "rfm_vmf_mixture" / "version_0"
+    rows = read_csv(directory / "metrics.csv")
     val = [r for r in rows if r.get("val/nll")]
     assert len(val) == 2
     assert all(math.isfinite(float(r["val/nll"])) and float(r["val/target_nll"]) > 0 for r in val)
-    assert (run / "checkpoints" / "last.ckpt").exists()
-    cli = main(["fit", *CONFIG, "--trainer.max_steps=9", "--ckpt_path=last"])
+    assert (directory / "checkpoints" / "last.ckpt").exists()
+    cli = run(["fit", *CONFIG, "--trainer.max_steps=9", "--ckpt_path=last"])
     assert cli.trainer.global_step == 9
     assert (tmp_path / "runs" / "rfm_vmf_mixture" / "version_1").is_dir()  # its own run directory
 
@@ -43,7 +43,7 @@ def test_configuration_errors_are_one_line_and_start_nothing(tmp_path, capsys):
         ("--model.min_lr=0.1", "need finite 0 <= min_lr <= lr and lr > 0, got min_lr=0.1"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
-            main(["fit", *CONFIG, override])
+            run(["fit", *CONFIG, override])
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert "Traceback" not in err and message in err and len(err.strip().splitlines()) == 1, err
@@ -94,3 +94,14 @@ def test_the_flow_matching_bench_smoke_run_agrees_with_flow_matching(tmp_path):
     assert "SMOKE RUN" in out.with_suffix(".md").read_text()
     assert max(result["drift"].values()) < 1e-5  # both project onto the sphere
     assert result["gap"] < 0.1  # the same field and step count: close solutions (rk4 variants differ in the stages)
+
+
+def test_the_console_script_exits_0_after_a_run(tmp_path):
+    import subprocess
+    import sys as system
+
+    # A console script passes main's return value to sys.exit: anything but None is a failure status.
+    done = subprocess.run([system.executable, "-c", "import sys; from svflow_ode.training.flow_matching import main; "
+                           "sys.argv = ['svflow-ode-rfm', *sys.argv[1:]]; sys.exit(main())", "fit", *CONFIG],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -210,13 +210,20 @@ class FlowMatchingCLI(SVFlowCLI):
     links = {"data.manifold": "model.manifold"}
 
 
-def main(args: list[str] | None = None, **kwargs) -> FlowMatchingCLI:
-    """The ``svflow-ode-rfm`` command (exit status as ``svflow-ode``'s); ``kwargs`` go to ``FlowMatchingCLI``."""
+def run(args: list[str] | None = None, **kwargs) -> FlowMatchingCLI:
+    """Run the command line with ``args`` (default ``sys.argv[1:]``); returns the finished CLI.
+    ``kwargs`` go to ``FlowMatchingCLI``."""
     return FlowMatchingCLI(
         LitFlowMatching, ManifoldDataModule, subclass_mode_data=True, args=args, auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "svflow-ode-rfm"}, parser_class=SVFlowParser,
         **kwargs,
     )
+
+
+def main() -> None:
+    """The ``svflow-ode-rfm`` command; exit status as ``svflow-ode``'s (it returns None: a console
+    script passes what ``main`` returns to ``sys.exit``)."""
+    run()
 
 
 if __name__ == "__main__":
