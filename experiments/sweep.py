@@ -5,6 +5,7 @@
 A grid file (see ``experiments/grids/``)::
 
     name: main_job                       # the report's name (default: the grid file's stem)
+    cli: svflow_ode.training.cli         # the command module each point runs (python -m; the default)
     base: [../configs/base.yaml]         # config files, in order, relative to the grid file
     out: runs/main_job                   # output directory, relative to the current directory
     overrides: {trainer.enable_model_summary: false}   # dotted keys, for every point
@@ -16,6 +17,9 @@ A grid file (see ``experiments/grids/``)::
     commands: [fit, test]                # fit, then (optionally) test on its last checkpoint
     smoke: {data.init_args.val_size: 32} # what --smoke adds to every point (on top of SMOKE)
     report: {metric: val/loss, baseline: euler, columns: [...], plot: {x: ..., y: ...}, template: sweep}
+
+``cli: svflow_ode.training.finetune`` runs the points with ``svflow-ode-finetune`` instead
+(``LitFineTune``: students of converted pretrained models).
 
 ``report.baseline`` is a point or a list of them: every other point gets its paired seed
 differences against each. With ``report.win`` (a margin in the metric's units, lower is better),
@@ -61,9 +65,10 @@ import yaml
 
 from experiments import report
 
-GRID_KEYS = {"name", "base", "out", "overrides", "points", "axes", "commands", "smoke", "report", "evaluate"}
+GRID_KEYS = {"name", "cli", "base", "out", "overrides", "points", "axes", "commands", "smoke", "report", "evaluate"}
 REPORT_KEYS = {"template", "columns", "metric", "baseline", "pair", "plot", "title", "win"}
 COMMANDS = ("fit", "test")
+CLI = "svflow_ode.training.cli"  # a grid's default command module
 # --smoke: a few steps, a tiny validation, on any data module (the grid's `smoke` adds to it).
 SMOKE = {"trainer.max_steps": 4, "trainer.val_check_interval": 2, "trainer.limit_val_batches": 2,
          "trainer.limit_test_batches": 2, "trainer.log_every_n_steps": 1}
@@ -146,6 +151,9 @@ def load_grid(path: Path, smoke: bool = False, out: Path | None = None) -> dict:
                                      and evaluate["function"].count(":") == 1
                                      and isinstance(evaluate.get("args") or {}, dict)):
         raise GridError(f"{path}: evaluate must be {{function: 'module:name', args: {{...}}}}, got {evaluate!r}")
+    grid.setdefault("cli", CLI)
+    if not isinstance(grid["cli"], str) or not all(part.isidentifier() for part in grid["cli"].split(".")):
+        raise GridError(f"{path}: cli must name a command module (e.g. {CLI}), got {grid['cli']!r}")
     grid.setdefault("name", path.stem)
     grid["out"] = Path(out or grid.get("out") or Path("runs") / grid["name"])
     if smoke and not out:  # smoke results in the real directory would be skipped as finished by the real run
@@ -233,8 +241,8 @@ def point_config(grid: dict, run: dict, directory: Path, test: bool = False) -> 
 
 
 def command(grid: dict, config: Path, subcommand: str, ckpt: Path | None) -> list[str]:
-    """The ``svflow-ode`` command line of one subcommand of one point."""
-    args = [sys.executable, "-m", "svflow_ode.training.cli", subcommand]
+    """The command line (``svflow-ode``'s, or the grid's ``cli``) of one subcommand of one point."""
+    args = [sys.executable, "-m", grid["cli"], subcommand]
     args += [f"--config={file}" for file in [*grid["base"], config]]
     return args + ([f"--ckpt_path={ckpt}"] if ckpt else [])
 
@@ -257,10 +265,9 @@ def model_costs(checkpoint: Path, train_nfe: float | None) -> dict:
     """Parameter count and training FLOPs per token (at ``train_nfe``) of the model in ``checkpoint``."""
     # Imported here: torch and the model load only once a point finished, not for --dry-run.
     from svflow_ode.flops import training_flops_per_token
-    from svflow_ode.training.module import LitSVFlow
+    from svflow_ode.training.finetune import load_module
 
-    module = LitSVFlow.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
-    model = module.model
+    model = load_module(checkpoint, weights_only=False).model  # LitSVFlow's, or LitFineTune's student
     params = sum(p.numel() for p in model.parameters())
     flops = training_flops_per_token(model, train_nfe, model.context) if train_nfe is not None else None
     return {"params": params, "train_flops_per_token": flops, "method": model.method,
