@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from experiments import report
-from experiments.elastic_depth import read_results
+from experiments.sweep import read_results
 
 __all__ = ["curve_rows", "means", "per_run", "write", "main"]
 

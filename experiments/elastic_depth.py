@@ -14,7 +14,6 @@ read from ``--study-v2``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -122,16 +121,6 @@ def write(out: Path, results: list[dict], study_v2: list[dict], command: str) ->
                               plot_spec=plot)
 
 
-def read_results(directory: Path) -> list[dict]:
-    """The finished points' ``result.json`` rows of a sweep's output directory."""
-    rows = []
-    for path in sorted(directory.glob("*/result.json")):
-        result = json.loads(path.read_text())
-        point, _, seed = path.parent.name.rpartition("_seed_everything-")
-        rows.append({"point": point, "seed_everything": int(seed), **result})
-    return rows
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.elastic_depth", description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1, help="points trained at once, one thread each")
@@ -146,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     done = [r for r in rows if r["status"] in ("done", "skipped")]
     command = " ".join(["python -m experiments.elastic_depth", *argv])
     # A smoke run's models are not comparable with study v2's.
-    study_v2 = read_results(args.study_v2) if args.study_v2.is_dir() and not args.smoke else []
+    study_v2 = sweep.read_results(args.study_v2) if args.study_v2.is_dir() and not args.smoke else []
     for path in write(grid["out"], done, study_v2, command):
         print(f"wrote {path}")
     return 1 if any(r["status"] == "failed" for r in rows) else 0

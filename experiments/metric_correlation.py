@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from experiments.elastic_depth import read_results  # noqa: E402
+from experiments.sweep import read_results  # noqa: E402
 from experiments.evaluate import load  # noqa: E402
 from experiments.svflow_analyses import LABELS as ANALYSES_LABELS  # noqa: E402
 from svflow_ode.diagnostics import METRICS as ATTENTION_METRICS  # noqa: E402

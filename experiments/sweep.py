@@ -299,6 +299,17 @@ def collect(directory: Path, commands: list[list[str]], wall: float) -> dict:
     return result
 
 
+def read_results(directory: Path) -> list[dict]:
+    """The finished points' ``result.json`` rows of a sweep's output directory, each with its
+    ``point`` and ``seed_everything`` (read off the directory name: grids whose one axis is the seed)."""
+    rows = []
+    for path in sorted(directory.glob("*/result.json")):
+        result = json.loads(path.read_text())
+        point, _, seed = path.parent.name.rpartition("_seed_everything-")
+        rows.append({"point": point, "seed_everything": int(seed), **result})
+    return rows
+
+
 def last_line(text: str) -> str:
     """The last non-empty line of ``text`` (an error's one-line summary, or the traceback's end)."""
     lines = [line for line in text.splitlines() if line.strip()]
