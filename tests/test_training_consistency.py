@@ -10,7 +10,7 @@ import scipy.special as sp
 import torch
 import torch.nn.functional as F
 
-from experiments.moe_collapse import moe_lm
+from experiments.moe_collapse import MoELM
 from svflow_ode.fields import AttentionField, MoEField
 from svflow_ode.lm import SVFlowLM
 from svflow_ode.training import LitSVFlow
@@ -26,7 +26,8 @@ def attention_lm(**kwargs) -> SVFlowLM:
 
 def moe_model(n_blocks: int = 2) -> SVFlowLM:
     torch.manual_seed(0)
-    model = moe_lm(7, d_model=8, n_blocks=n_blocks, n_experts=3, d_ff=8, context=6).double()
+    model = MoELM(7, n_experts=3, d_model=8, n_heads=4, n_blocks=n_blocks, d_ff=8, context=6, norm="post_ln",
+                  init="nanogpt").double()
     for expert in model.modules():  # scores of norm ~1, so that C_d(|f_e|) differs between experts
         if isinstance(expert, MoEField):
             for p in expert.experts.parameters():
