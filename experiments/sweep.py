@@ -400,6 +400,14 @@ def sweep(grid: dict, jobs: int = 1, dry_run: bool = False, only: list[str] | No
                                     "reason": r["refused"]} for r in runs]
 
 
+def shown(arg: str | Path) -> str:
+    """A command-line argument as a report shows it: a path inside the working directory, relative to it."""
+    path = Path(arg)
+    if path.is_absolute() and path.is_relative_to(Path.cwd()):
+        return str(path.relative_to(Path.cwd()))
+    return str(arg)
+
+
 def write_report(grid: dict, rows: list[dict], grid_path: Path, argv: list[str]) -> list[Path]:
     """The study's md, csv and png in the grid's output directory, through ``experiments.report``."""
     spec = grid["report"]
@@ -417,8 +425,8 @@ def write_report(grid: dict, rows: list[dict], grid_path: Path, argv: list[str])
     failed = [r for r in rows if r["status"] == "failed"]
     fields = {
         "title": spec.get("title", grid["name"]),
-        "command": " ".join(["python -m experiments.sweep", *argv]),
-        "grid": str(grid_path),
+        "command": " ".join(["python -m experiments.sweep", *map(shown, argv)]),
+        "grid": shown(grid_path),
         "table": report.markdown_table(rows, spec.get("columns", ["point", *(grid.get("axes") or {}), *DEFAULT_COLUMNS])),
         "differences": report.markdown_table(differences, ["point", "baseline", "metric", "mean", "se", "n"])
         if differences else "none (no baseline, or no shared seeds)",
