@@ -172,7 +172,7 @@ def verdict(rows: list[dict]) -> str:
 def write(out: Path, results: list[dict], baseline_rows: list[dict], command: str) -> list[Path]:
     """``compression_study.md``, ``.csv`` (every row) and ``.png`` (mean cosine against inference FLOPs) in ``out``."""
     rows = study_rows(results, baseline_rows)
-    fields = {"command": command, "grid": str(GRID),
+    fields = {"command": command, "grid": sweep.shown(GRID),
               "table": report.markdown_table(summary(rows), ["model", "seeds", *METRICS, "nfe", "inference_flops",
                                                              "params"]),
               "verdict": verdict(rows)}
