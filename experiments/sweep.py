@@ -69,6 +69,7 @@ GRID_KEYS = {"name", "cli", "base", "out", "overrides", "points", "axes", "comma
 REPORT_KEYS = {"template", "columns", "metric", "baseline", "pair", "plot", "title", "win"}
 COMMANDS = ("fit", "test")
 CLI = "svflow_ode.training.cli"  # a grid's default command module
+PROGRAMS = {CLI: "svflow-ode", "svflow_ode.training.finetune": "svflow-ode-finetune"}  # their console scripts
 # --smoke: a few steps, a tiny validation, on any data module (the grid's `smoke` adds to it).
 SMOKE = {"trainer.max_steps": 4, "trainer.val_check_interval": 2, "trainer.limit_val_batches": 2,
          "trainer.limit_test_batches": 2, "trainer.log_every_n_steps": 1}
@@ -427,6 +428,7 @@ def write_report(grid: dict, rows: list[dict], grid_path: Path, argv: list[str])
         "title": spec.get("title", grid["name"]),
         "command": " ".join(["python -m experiments.sweep", *map(shown, argv)]),
         "grid": shown(grid_path),
+        "program": PROGRAMS.get(grid["cli"], f"python -m {grid['cli']}"),
         "table": report.markdown_table(rows, spec.get("columns", ["point", *(grid.get("axes") or {}), *DEFAULT_COLUMNS])),
         "differences": report.markdown_table(differences, ["point", "baseline", "metric", "mean", "se", "n"])
         if differences else "none (no baseline, or no shared seeds)",

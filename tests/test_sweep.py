@@ -127,12 +127,12 @@ def test_paired_difference_by_hand():
 def test_report_files(tmp_path):
     rows = [{"point": p, "seed": s, "x": 10.0 * (i + 1), "loss": 2.0 - 0.1 * i + 0.01 * s}
             for i, p in enumerate("ab") for s in range(3)]
-    fields = {"title": "t", "command": "c", "grid": "g", "table": report.markdown_table(rows, ["point", "loss"]),
+    fields = {"title": "t", "command": "c", "grid": "g", "program": "svflow-ode", "table": report.markdown_table(rows, ["point", "loss"]),
               "differences": "d", "refused": "none", "failed": "none"}
     paths = report.write_study("t", rows, tmp_path, "sweep", fields,
                                plot_spec={"x": "x", "y": "loss", "group": "point", "logx": True})
     assert [p.name for p in paths] == ["t.csv", "t.png", "t.md"]
-    assert "| a | 2 |" in (tmp_path / "t.md").read_text()
+    assert "| a | 2 |" in (tmp_path / "t.md").read_text() and "its own `svflow-ode fit`" in (tmp_path / "t.md").read_text()
     mean, se = statistics.fmean([2.0, 2.01, 2.02]), statistics.stdev([2.0, 2.01, 2.02]) / math.sqrt(3)
     assert report.mean_se([2.0, 2.01, 2.02]) == pytest.approx((mean, se))
 
