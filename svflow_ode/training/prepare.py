@@ -47,7 +47,7 @@ from .checkpoints import _umask
 from .data import CORPORA, corpus_path
 from .tokens import DTYPES, META_FORMAT
 
-__all__ = ["DTYPES", "prepare", "main"]
+__all__ = ["DTYPES", "prepare", "load_tokenizer", "main"]
 
 BLOCK_BYTES = 1 << 20  # corpus bytes read, decoded and encoded at a time
 SHARD_TOKENS = 100_000_000  # tokens per shard file (200 MB as uint16)
@@ -114,7 +114,7 @@ def prepare(
         source = {"type": "bpe", "path": "tokenizer", "requested_vocab_size": bpe,
                   "trained_on": "the training split"}
     else:
-        encoder, source = _load_tokenizer(tokenizer)
+        encoder, source = load_tokenizer(tokenizer)
     vocab_size = encoder.get_vocab_size(with_added_tokens=True)
     stored = _store_dtype(vocab_size, dtype)
 
@@ -202,7 +202,7 @@ def _store_dtype(vocab_size: int, dtype: str) -> str:
     return dtype
 
 
-def _load_tokenizer(directory: str):
+def load_tokenizer(directory: str):
     """The fast (Rust) tokenizer of the Hugging Face tokenizer directory, and its description for meta.json."""
     if not Path(directory).is_dir():
         raise FileNotFoundError(f"tokenizer directory not found: {directory}")

@@ -20,7 +20,7 @@ from .checkpoints import read_checkpoint
 from .cli import OneLineErrors
 from .data import CharDataModule
 from .finetune import load_module
-from .prepare import _load_tokenizer
+from .prepare import load_tokenizer
 from .tokens import TokenDataModule
 
 __all__ = ["generate", "sample", "tokenizer_dir", "main"]
@@ -93,7 +93,7 @@ def sample(
             return "".join(vocab[i] for i in ids)
     elif TokenDataModule.__qualname__ in state:
         directory = tokenizer_dir(checkpoint, state[TokenDataModule.__qualname__]["tokenizer"], tokenizer)
-        encoder, _ = _load_tokenizer(str(directory))
+        encoder, _ = load_tokenizer(str(directory))
         prompt_ids = encoder.encode(prompt, add_special_tokens=False).ids
         if not prompt_ids:
             raise ValueError(f"the prompt {prompt!r} encodes to no tokens with {directory}: give some text")
