@@ -51,6 +51,8 @@ STUDENTS = {"euler_x3": ("euler", 3), "euler_x6": ("euler", 6), "heun_x3": ("heu
 SMOKE_SENTENCES = 48  # --smoke evaluates on this many held-out sentences
 DATA = Path("runs/data/shakespeare-minilm")  # where the grid's config reads the token data (git-ignored)
 METRICS = ("cosine", "top10", "spearman")
+METRIC_NAMES = {"cosine": "mean cosine to the teacher", "top10": "top-10 neighbour agreement",
+                "spearman": "Spearman correlation of pairwise similarities"}
 
 HELD_OUT = 0.9  # the corpus' last 10% is held out (the project's split)
 _SPEAKER = re.compile(r"[A-Z][A-Za-z ]*:")  # "ROMEO:" lines name the speaker, they are no sentence
@@ -152,17 +154,20 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 def verdict(rows: list[dict]) -> str:
-    """Heun x3 against Euler x6 (paired over seeds) and how far each trails the teacher, by mean cosine."""
-    diff = report.paired_difference(rows, "cosine", "heun_x3, distilled", "euler_x6, distilled", pair="seed",
-                                    by="model")
-    if diff is None:
-        return "not decided: heun_x3 and euler_x6 share no finished seed"
-    lines = [f"heun_x3 minus euler_x6, mean cosine to the teacher: {diff['mean']:+.4f} +/- {diff['se']:.4f} "
-             f"(n = {diff['n']} seeds); "
-             + ("one seed: no standard error, no verdict" if diff["n"] < 2 else
-                "Heun x3 is better beyond 2 standard errors" if diff["mean"] - 2 * diff["se"] > 0 else
-                "Euler x6 is better beyond 2 standard errors" if diff["mean"] + 2 * diff["se"] < 0 else
-                "no difference beyond 2 standard errors")]
+    """Heun x3 against Euler x6 (paired over seeds) by each metric, and how far each trails the teacher
+    by mean cosine."""
+    lines = []
+    for metric in METRICS:
+        diff = report.paired_difference(rows, metric, "heun_x3, distilled", "euler_x6, distilled", pair="seed",
+                                        by="model")
+        if diff is None:
+            return "not decided: heun_x3 and euler_x6 share no finished seed"
+        lines.append(f"heun_x3 minus euler_x6, {METRIC_NAMES[metric]}: {diff['mean']:+.4f} +/- {diff['se']:.4f} "
+                     f"(n = {diff['n']} seeds); "
+                     + ("one seed: no standard error, no verdict" if diff["n"] < 2 else
+                        "Heun x3 is better beyond 2 standard errors" if diff["mean"] - 2 * diff["se"] > 0 else
+                        "Euler x6 is better beyond 2 standard errors" if diff["mean"] + 2 * diff["se"] < 0 else
+                        "no difference beyond 2 standard errors"))
     for name in ("heun_x3", "euler_x6"):
         cosines = [r["cosine"] for r in rows if r["model"] == f"{name}, distilled"]
         lines.append(f"{name} trails the teacher by {1 - report.mean_se(cosines)[0]:.4f} in mean cosine")

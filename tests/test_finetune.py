@@ -206,5 +206,7 @@ def test_the_compression_study_table_and_verdict(tmp_path):
     # Paired differences 0.10 and 0.06: mean 0.08, standard error 0.02; 0.08 - 2 * 0.02 > 0.
     assert ("heun_x3 minus euler_x6, mean cosine to the teacher: +0.0800 +/- 0.0200 (n = 2 seeds); Heun x3 is "
             "better beyond 2 standard errors") in text
+    assert ("heun_x3 minus euler_x6, top-10 neighbour agreement: +0.0000 +/- 0.0000 (n = 2 seeds); no difference "
+            "beyond 2 standard errors") in text
     assert "heun_x3 trails the teacher by 0.0900" in text and "euler_x6 trails the teacher by 0.1700" in text
     assert "| heun_x3, distilled | 2 | 0.9100 +/- 0.0100 |" in text
