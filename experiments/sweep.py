@@ -37,10 +37,10 @@ Every point ``P`` with axis values ``a`` runs in ``OUT/P_a/``: ``point.yaml`` (i
 nested, passed as the last ``--config``), ``config.yaml`` (the merged configuration it ran, saved
 by the CLI), ``metrics.csv`` (a CSVLogger pinned there; the configuration's other loggers write
 there too), ``checkpoints/``, ``fit.log`` (stdout and stderr) and ``result.json`` (last metrics,
-parameters, training FLOPs per token at the measured NFE, wall time, command). A point with a
-``result.json`` is skipped; one with ``checkpoints/last.ckpt`` and no result resumes from it; one
-that fails (its command, or reading its results) leaves ``failed.json`` and is retried on the
-next run. The configuration must keep a ``ModelCheckpoint`` with ``save_last`` and no
+parameters, training FLOPs per token at the measured NFE with a distillation's teacher pass, wall
+time, command). A point with a ``result.json`` is skipped; one with ``checkpoints/last.ckpt`` and
+no result resumes from it; one that fails (its command, or reading its results) leaves
+``failed.json`` and is retried on the next run. The configuration must keep a ``ModelCheckpoint`` with ``save_last`` and no
 ``dirpath`` (the base config's): resuming and the model's costs read ``checkpoints/last.ckpt``.
 ``--smoke`` writes to ``OUT_smoke`` unless ``--out`` says otherwise. The exit status is 1 if any
 point failed, 2 for a bad grid file. Then the study's ``NAME.md``, ``NAME.csv`` and ``NAME.png``
@@ -263,14 +263,15 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def model_costs(checkpoint: Path, train_nfe: float | None) -> dict:
-    """Parameter count and training FLOPs per token (at ``train_nfe``) of the model in ``checkpoint``."""
+    """Parameter count and training FLOPs per token (at ``train_nfe``; a distillation's teacher pass
+    included) of the model in ``checkpoint``."""
     # Imported here: torch and the model load only once a point finished, not for --dry-run.
-    from svflow_ode.flops import training_flops_per_token
     from svflow_ode.training.finetune import load_module
 
-    model = load_module(checkpoint, weights_only=False).model  # LitSVFlow's, or LitFineTune's student
+    module = load_module(checkpoint, weights_only=False)  # LitSVFlow, or LitFineTune
+    model = module.model  # LitFineTune's student
     params = sum(p.numel() for p in model.parameters())
-    flops = training_flops_per_token(model, train_nfe, model.context) if train_nfe is not None else None
+    flops = module.training_flops_per_token(train_nfe) if train_nfe is not None else None
     return {"params": params, "train_flops_per_token": flops, "method": model.method,
             "steps": model.steps, "context": model.context}
 

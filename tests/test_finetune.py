@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments import sweep
+from svflow_ode.flops import forward_flops_per_token
 from svflow_ode.pretrained import from_pretrained, student
 from svflow_ode.training.data import CORPORA
 from svflow_ode.training.finetune import LitFineTune, run, teacher_path
@@ -105,6 +106,22 @@ def test_the_lm_objective_is_the_students_cross_entropy(gpt2):
         expected = F.cross_entropy(hand(ids[:, :-1]).logits.flatten(0, 1), ids[:, 1:].flatten())
         loss = module.model_step((ids[:, :-1], ids[:, 1:]), "val")
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_distillation_training_flops_count_the_teachers_forward_pass(gpt2):
+    # By hand for MiniLM (d = 384, FFN 1536, context 64), per token: Heun x3 evaluates each
+    # layer's attention and FFN 6 times, forward and backward (3x); the 6-layer teacher once each,
+    # forward only.
+    attention, ffn = 4 * 2 * 384 * 384 + 2 * 2 * 64 * 384, 2 * 2 * 384 * 1536
+    module = LitFineTune(MINILM, layers=(0, 2, 4), method="heun", steps=3, objective="both", context=64)
+    with torch.no_grad():
+        nfe = module.model(torch.randint(1000, 30_000, (1, 8))).stats.nfe
+    assert module.training_flops_per_token(nfe) == (3 * 6 + 6) * (attention + ffn)
+    # Trained by its own loss, the teacher does not run: the student's count alone.
+    module = LitFineTune(str(gpt2[0]), layers=(0, 3), method="heun", steps=2, objective="lm", context=16)
+    with torch.no_grad():
+        nfe = module.model(torch.randint(0, 100, (1, 8))).stats.nfe
+    assert module.training_flops_per_token(nfe) == 3 * forward_flops_per_token(module.model, nfe, 16) > 0
 
 
 @pytest.mark.parametrize("arguments, error, message", [

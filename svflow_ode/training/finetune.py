@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from svflow_ode.diagnostics.embeddings import mean_pool
+from svflow_ode.flops import forward_flops_per_token
 from svflow_ode.pretrained import from_pretrained, student
 
 from .checkpoints import read_checkpoint
@@ -136,6 +137,16 @@ class LitFineTune(LitSVFlow):
         # Without the CLI nothing linked the data's vocabulary: check the trainer's data module's.
         _check_vocab(getattr(self.trainer.datamodule, "vocab_size", None), self.teacher)
         self.teacher.to(self.device)
+
+    def training_flops_per_token(self, nfe: float) -> float:
+        """The student's training FLOPs per token (``LitSVFlow``'s) plus, for the distillation
+        objectives, the frozen teacher's forward pass, which every batch runs once (no backward)."""
+        flops = super().training_flops_per_token(nfe)
+        if self.objective == "lm":
+            return flops
+        with torch.no_grad():  # the teacher's field evaluations per pass: fixed steps, any input
+            teacher_nfe = self.teacher(torch.zeros(1, 1, dtype=torch.long, device=self.device)).stats.nfe
+        return flops + forward_flops_per_token(self.teacher, teacher_nfe, self.model.context)
 
     def model_step(self, batch, stage: str, **options) -> torch.Tensor:
         """The objective on one batch ``(input_ids, labels)``; ``options`` go to the student's forward pass."""

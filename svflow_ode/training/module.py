@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import solvers
 from solvers.compat import given_hyperparameters
 from svflow_ode.diagnostics.consistency import PARTS, consistency_recorder
+from svflow_ode.flops import training_flops_per_token
 from svflow_ode.lm import SVFlowLM
 from svflow_ode.model import SVFlow
 
@@ -173,6 +174,11 @@ class LitSVFlow(L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self.model_step(batch, "test")
+
+    def training_flops_per_token(self, nfe: float) -> float:
+        """Matmul FLOPs per token of a training step whose forward passes made ``nfe`` field
+        evaluations (``svflow_ode.flops``: the forward and a backward costing twice as much)."""
+        return training_flops_per_token(self.model, nfe, self.model.context)
 
     def lr_factor(self, step: int) -> float:
         """The learning rate at ``step`` divided by ``lr`` (``warmup_cosine``)."""
