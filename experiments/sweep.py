@@ -40,11 +40,11 @@ there too), ``checkpoints/``, ``fit.log`` (stdout and stderr) and ``result.json`
 parameters, training FLOPs per token at the measured NFE with a distillation's teacher pass, wall
 time, command). A point with a ``result.json`` is skipped; one with ``checkpoints/last.ckpt`` and
 no result resumes from it; one that fails (its command, or reading its results) leaves
-``failed.json`` and is retried on the next run. The configuration must keep a ``ModelCheckpoint`` with ``save_last`` and no
-``dirpath`` (the base config's): resuming and the model's costs read ``checkpoints/last.ckpt``.
-``--smoke`` writes to ``OUT_smoke`` unless ``--out`` says otherwise. The exit status is 1 if any
-point failed, 2 for a bad grid file. Then the study's ``NAME.md``, ``NAME.csv`` and ``NAME.png``
-(``experiments.report``) are written to ``OUT``.
+``failed.json`` and is retried on the next run. The configuration must keep a ``ModelCheckpoint``
+with ``save_last`` and no ``dirpath`` (the base config's): resuming and the model's costs read
+``checkpoints/last.ckpt``. ``--smoke`` writes to ``OUT_smoke`` unless ``--out`` says otherwise.
+The exit status is 1 if any point failed, 2 for a bad grid file. Then the study's ``NAME.md``,
+``NAME.csv`` and ``NAME.png`` (``experiments.report``) are written to ``OUT``.
 """
 
 from __future__ import annotations

@@ -145,7 +145,8 @@ class LitFineTune(LitSVFlow):
         if self.objective == "lm":
             return flops
         with torch.no_grad():  # the teacher's field evaluations per pass: fixed steps, any input
-            teacher_nfe = self.teacher(torch.zeros(1, 1, dtype=torch.long, device=self.device)).stats.nfe
+            ids = torch.zeros(1, 1, dtype=torch.long, device=self.teacher.embed.word.weight.device)
+            teacher_nfe = self.teacher(ids).stats.nfe
         return flops + forward_flops_per_token(self.teacher, teacher_nfe, self.model.context)
 
     def model_step(self, batch, stage: str, **options) -> torch.Tensor:
