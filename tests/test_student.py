@@ -3,11 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 from svflow_ode.diagnostics import compare_embeddings, mean_pool
 from svflow_ode.pretrained import from_pretrained, student
-
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
