@@ -3,7 +3,11 @@
 Object API (in the spirit of diffrax): a solver is a tableau plus a small class, variants wrap
 solvers, and one loop (``integrate``) with one controller does every solve::
 
+    import torch
+    from manifolds import Sphere
     from solvers import RungeKutta, RK4, ConstantStepSize, integrate
+    f = lambda t, y: torch.linalg.cross(torch.tensor([0.0, 0.0, 1.0]).expand_as(y), y)  # a rotation
+    y0, t = Sphere().projx(torch.randn(8, 3)), torch.linspace(0, 1, 11)
     sol = integrate(f, y0, t, solver=RungeKutta(RK4), manifold=Sphere(), controller=ConstantStepSize(0.1))
     sol.ys, sol.stats.nfe
 

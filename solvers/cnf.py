@@ -66,15 +66,25 @@ class CNF(nn.Module):
         z, change = self._solve(x, self.horizon, 0.0, 1.0)  # L(0) = -int_0^T div F dt
         return self.base.log_prob(z) + change
 
-    def sample(self, n: int, *, generator=None, dtype=torch.float64) -> torch.Tensor:
-        z = self.base.sample(n, dtype=dtype, generator=generator)
-        return odeint(self.field, z, torch.tensor([0.0, self.horizon], dtype=dtype), method=self.method,
+    def sample(self, n: int, *, generator=None, dtype=None) -> torch.Tensor:
+        """``n`` points of the flow at ``T``, in ``dtype`` (default: the field's parameters')."""
+        z = self.base.sample(n, dtype=self._dtype(dtype), generator=generator)
+        return odeint(self.field, z, torch.tensor([0.0, self.horizon], dtype=z.dtype), method=self.method,
                       manifold=self.manifold, options=self.options)[-1]
 
-    def sample_and_log_prob(self, n: int, *, generator=None, dtype=torch.float64):
-        z = self.base.sample(n, dtype=dtype, generator=generator)
+    def sample_and_log_prob(self, n: int, *, generator=None, dtype=None):
+        """``n`` points of the flow at ``T`` and their log-densities, as ``sample``."""
+        z = self.base.sample(n, dtype=self._dtype(dtype), generator=generator)
         x, change = self._solve(z, 0.0, self.horizon, -1.0)
         return x, self.base.log_prob(z) + change
+
+    def _dtype(self, dtype):
+        """``dtype``, else the field's floating-point parameters' (a float32 module samples in
+        float32), else torch's default."""
+        if dtype is not None:
+            return dtype
+        floats = [p.dtype for p in self.field.parameters() if p.is_floating_point()]
+        return floats[0] if floats else torch.get_default_dtype()
 
 
 def _same_manifold(a, b) -> bool:
@@ -95,4 +105,11 @@ def _check_base(base, manifold) -> None:
     """``ValueError`` if ``base`` says it lives on a manifold other than ``manifold``."""
     own = getattr(base, "manifold", None)
     if own is not None and not _same_manifold(own, manifold):
-        raise ValueError(f"the base distribution {type(base).__name__} lives on {own!r}, not on the flow's {manifold!r}")
+        raise ValueError(f"the base distribution {type(base).__name__} lives on {_describe(own)}, not on the flow's "
+                         f"{_describe(manifold)}")
+
+
+def _describe(manifold) -> str:
+    """The manifold's repr, with its curvature where it has one (geoopt's repr leaves it out)."""
+    k = getattr(manifold, "k", None)
+    return f"{manifold!r} (curvature {k.item():.6g})" if isinstance(k, torch.Tensor) and k.numel() == 1 else repr(manifold)

@@ -8,7 +8,7 @@ import torch
 from .compat import is_torchdiffeq_adjoint_backward, torchdiffeq_solvers
 from .defaults import ATOL, METHOD, RTOL
 from .methods import METHODS, OPTIONS, make_controller, make_solver
-from .solve import integrate
+from .solve import SolveStats, integrate
 
 __all__ = ["odeint", "odeint_adjoint", "register_torchdiffeq"]
 
@@ -36,13 +36,17 @@ def odeint(func, y0, t, *, method=METHOD, manifold=None, rtol=RTOL, atol=ATOL, o
         options: torchdiffeq's ``step_size``, ``first_step``, ``max_num_steps`` and ours:
             ``steps`` (fixed steps per interval), ``dt_min``, ``max_nfe``, ``mode`` ("strict" or
             "relaxed"), ``gradient`` ("backprop", "checkpoint" or "adjoint"), ``check_finite``,
-            ``boundary`` ("raise" or "warn"), ``stats`` (a ``SolveStats`` to fill in). Any other name is refused with this list.
+            ``boundary`` ("raise" or "warn"), ``stats`` (a ``SolveStats`` to fill in). Any other
+            name is refused with this list.
         adjoint_params: with ``gradient="adjoint"``: the tensors to differentiate.
     """
     options = dict(options or {})
     unknown = sorted(set(options) - set(OPTIONS) - set(_OURS))
     if unknown:
         raise ValueError(f"unknown options {unknown}; accepted: {', '.join([*OPTIONS, *_OURS])}")
+    if not isinstance(options.get("stats"), (SolveStats, type(None))):
+        raise TypeError(f"options['stats'] must be a solvers.SolveStats, which the solve fills in "
+                        f"(stats = solvers.SolveStats()), not {type(options['stats']).__name__}")
     if isinstance(y0, (tuple, list)):
         return _tuple_odeint(func, tuple(y0), t, method, manifold, rtol, atol, options, adjoint_params)
     ours = {k: options.pop(k) for k in _OURS if k in options}

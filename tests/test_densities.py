@@ -199,8 +199,10 @@ def test_wrapped_normal_refuses_bad_input_in_one_line():
         WrappedNormal(torch.tensor([0.6, 0.6], dtype=F64), 0.5, c=2.0)
     with pytest.raises(ValueError, match="sigma and c must be positive and finite, got sigma=nan"):
         WrappedNormal(torch.tensor([0.1, 0.2], dtype=F64), float("nan"))
-    with pytest.raises(ValueError, match="lives on PoincareBall manifold, not on the flow's Sphere"):
+    with pytest.raises(ValueError, match=r"lives on PoincareBall manifold \(curvature -1\), not on the flow's Sphere"):
         CNF(Field(), manifolds.Sphere(1.0), wn)
+    with pytest.raises(ValueError, match=r"\(curvature -2\), not on the flow's PoincareBall manifold \(curvature -1\)"):
+        CNF(Field(), geoopt.PoincareBall(c=1.0), WrappedNormal(torch.tensor([0.1, 0.2], dtype=F64), 0.3, c=2.0))
     with pytest.raises(ValueError, match="lives on Sphere\\(radius=1, eps=0\\) manifold, not on the flow's Sphere\\(radius=2"):
         CNF(Field(), manifolds.Sphere(2.0), UniformSphere(3))
 
@@ -382,3 +384,30 @@ def test_a_cnf_on_the_torus_integrates_to_one_and_agrees_with_its_samples():
     samples, logq = cnf.sample_and_log_prob(64, generator=torch.Generator().manual_seed(15))
     assert base.manifold.check_point_on_manifold(samples, atol=1e-12, rtol=0)
     torch.testing.assert_close(cnf.log_prob(samples), logq, rtol=0, atol=1e-5)
+
+
+class Rotation(torch.nn.Module):
+    """A parameter-free field on S^2: rotation about the z axis."""
+
+    def forward(self, t, x):
+        return torch.stack([-x[..., 1], x[..., 0], torch.zeros_like(x[..., 2])], -1)
+
+
+class Learned(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+    def forward(self, t, x):
+        return self.net(x)
+
+
+def test_a_cnf_samples_in_its_fields_dtype_unless_told():
+    cnf = CNF(Learned(), manifolds.Sphere(1.0), UniformSphere(3), options={"steps": 4})  # float32 parameters
+    x, logp = cnf.sample_and_log_prob(5, generator=torch.Generator().manual_seed(0))
+    assert cnf.sample(5).dtype == x.dtype == logp.dtype == torch.float32
+    cnf.field.double()
+    assert cnf.sample(5).dtype == torch.float64
+    free = CNF(Rotation(), manifolds.Sphere(1.0), UniformSphere(3), options={"steps": 4})
+    assert free.sample(5).dtype == torch.get_default_dtype()  # no parameters: torch's default
+    assert free.sample(5, dtype=F64).dtype == F64  # an explicit dtype wins

@@ -109,6 +109,8 @@ def test_other_misuse_is_refused_with_a_reason():
         solvers.odeint(Field(), y0, T01, method="rkmk4")
     with pytest.raises(ValueError, match="unknown options \\['stepsize'\\]; accepted: step_size"):
         solvers.odeint(Field(), y0, T01, options={"stepsize": 0.1})
+    with pytest.raises(TypeError, match="options\\['stats'\\] must be a solvers.SolveStats, .* not bool"):
+        solvers.odeint(Field(), y0, T01, options={"stats": True})
     with pytest.raises(ValueError, match="unknown mode 'loose'"):
         solvers.odeint(Field(), y0, T01, options={"mode": "loose"})
     with pytest.raises(ValueError, match="the field is not an nn.Module, so pass them"):
