@@ -15,7 +15,7 @@ attention evaluation (every stage of every step) is attributed to the layer hold
 (``diagnostics.recording.layer_of``) and the layer's value is the mean over its evaluations.
 
     python -m experiments.sweep experiments/grids/solver_sweep.yaml --jobs 2   # the models
-    python -m experiments.metric_correlation [--models experiments/results/solver_sweep] [--windows 128] [--smoke]
+    python -m experiments.metric_correlation [--models runs/solver_sweep] [--windows 128] [--smoke]
 
 writes experiments/results/metric_correlation.{md,csv,png}.
 """
@@ -259,7 +259,7 @@ def write_md(rows, table, args, source: str, path: Path) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", type=Path, default=Path("experiments/results/solver_sweep"),
+    parser.add_argument("--models", type=Path, default=Path("runs/solver_sweep"),
                         help="the solver sweep's output directory")
     parser.add_argument("--windows", type=int, default=128, help="validation windows the metrics are measured on")
     parser.add_argument("--rate", type=float, default=1.0, help="prefix shuffle rate of Δ(-log p_t)")

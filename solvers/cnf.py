@@ -8,6 +8,7 @@ and the log-density change together, as one tuple state ``(x, L)`` on ``manifold
 from __future__ import annotations
 
 import math
+from itertools import chain
 
 import geoopt
 import torch
@@ -67,7 +68,7 @@ class CNF(nn.Module):
         return self.base.log_prob(z) + change
 
     def sample(self, n: int, *, generator=None, dtype=None) -> torch.Tensor:
-        """``n`` points of the flow at ``T``, in ``dtype`` (default: the field's parameters')."""
+        """``n`` points of the flow at ``T``, in ``dtype`` (default: the field's, see ``_dtype``)."""
         z = self.base.sample(n, dtype=self._dtype(dtype), generator=generator)
         return odeint(self.field, z, torch.tensor([0.0, self.horizon], dtype=z.dtype), method=self.method,
                       manifold=self.manifold, options=self.options)[-1]
@@ -79,12 +80,14 @@ class CNF(nn.Module):
         return x, self.base.log_prob(z) + change
 
     def _dtype(self, dtype):
-        """``dtype``, else the field's floating-point parameters' (a float32 module samples in
-        float32), else torch's default."""
+        """``dtype``, else the one dtype of the field's floating-point parameters and buffers (a
+        float32 module samples in float32), else float64 (a function, a field without tensors or
+        with several dtypes)."""
         if dtype is not None:
             return dtype
-        floats = [p.dtype for p in self.field.parameters() if p.is_floating_point()]
-        return floats[0] if floats else torch.get_default_dtype()
+        tensors = chain(self.field.parameters(), self.field.buffers()) if isinstance(self.field, nn.Module) else ()
+        floats = {t.dtype for t in tensors if t.is_floating_point()}
+        return floats.pop() if len(floats) == 1 else torch.float64
 
 
 def _same_manifold(a, b) -> bool:
@@ -110,6 +113,10 @@ def _check_base(base, manifold) -> None:
 
 
 def _describe(manifold) -> str:
-    """The manifold's repr, with its curvature where it has one (geoopt's repr leaves it out)."""
-    k = getattr(manifold, "k", None)
-    return f"{manifold!r} (curvature {k.item():.6g})" if isinstance(k, torch.Tensor) and k.numel() == 1 else repr(manifold)
+    """The manifold's repr with the curvature of it or of its factors, which geoopt's repr leaves out
+    (``-`` for a factor without one)."""
+    factors = list(manifold.manifolds) if isinstance(manifold, geoopt.ProductManifold) else [manifold]
+    ks = [repr(m.k.item()) if isinstance(getattr(m, "k", None), torch.Tensor) else "-" for m in factors]
+    if set(ks) == {"-"}:
+        return repr(manifold)
+    return f"{manifold!r} ({'curvature' if len(ks) == 1 else 'curvatures'} {', '.join(ks)})"

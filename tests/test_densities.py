@@ -199,9 +199,9 @@ def test_wrapped_normal_refuses_bad_input_in_one_line():
         WrappedNormal(torch.tensor([0.6, 0.6], dtype=F64), 0.5, c=2.0)
     with pytest.raises(ValueError, match="sigma and c must be positive and finite, got sigma=nan"):
         WrappedNormal(torch.tensor([0.1, 0.2], dtype=F64), float("nan"))
-    with pytest.raises(ValueError, match=r"lives on PoincareBall manifold \(curvature -1\), not on the flow's Sphere"):
+    with pytest.raises(ValueError, match=r"lives on PoincareBall manifold \(curvature -1.0\), not on the flow's Sphere"):
         CNF(Field(), manifolds.Sphere(1.0), wn)
-    with pytest.raises(ValueError, match=r"\(curvature -2\), not on the flow's PoincareBall manifold \(curvature -1\)"):
+    with pytest.raises(ValueError, match=r"\(curvature -2.0\), not on the flow's PoincareBall manifold \(curvature -1.0\)"):
         CNF(Field(), geoopt.PoincareBall(c=1.0), WrappedNormal(torch.tensor([0.1, 0.2], dtype=F64), 0.3, c=2.0))
     with pytest.raises(ValueError, match="lives on Sphere\\(radius=1, eps=0\\) manifold, not on the flow's Sphere\\(radius=2"):
         CNF(Field(), manifolds.Sphere(2.0), UniformSphere(3))
@@ -408,6 +408,18 @@ def test_a_cnf_samples_in_its_fields_dtype_unless_told():
     assert cnf.sample(5).dtype == x.dtype == logp.dtype == torch.float32
     cnf.field.double()
     assert cnf.sample(5).dtype == torch.float64
-    free = CNF(Rotation(), manifolds.Sphere(1.0), UniformSphere(3), options={"steps": 4})
-    assert free.sample(5).dtype == torch.get_default_dtype()  # no parameters: torch's default
-    assert free.sample(5, dtype=F64).dtype == F64  # an explicit dtype wins
+    rotation = Rotation()
+    for field in (rotation, lambda t, x: rotation(t, x)):  # no tensors, a plain function: float64
+        free = CNF(field, manifolds.Sphere(1.0), UniformSphere(3), options={"steps": 4})
+        assert free.sample(5).dtype == F64
+        assert free.sample(5, dtype=torch.float32).dtype == torch.float32  # an explicit dtype wins
+    buffered = Rotation()
+    buffered.register_buffer("axis", torch.tensor([0.0, 0.0, 1.0], dtype=F64))  # a buffer-only field
+    assert CNF(buffered, manifolds.Sphere(1.0), UniformSphere(3), options={"steps": 4}).sample(5).dtype == F64
+
+
+def test_a_product_base_refusal_names_each_factors_curvature():
+    ball = WrappedNormal(torch.tensor([0.1, 0.2], dtype=F64), 0.3, c=1.000002)
+    flow = geoopt.ProductManifold((geoopt.PoincareBall(c=1.0), 2), (geoopt.PoincareBall(c=1.0), 2))
+    with pytest.raises(ValueError, match=r"\(curvatures -1.000002, -1.0\), not on the flow's .* \(curvatures -1.0, -1.0\)"):
+        CNF(Field(), flow, manifolds.distributions.Product([ball, WrappedNormal(torch.zeros(2, dtype=F64), 0.3)]))

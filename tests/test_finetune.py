@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import transformers
 
 from experiments import sweep
-from svflow_ode.flops import forward_flops_per_token
+from svflow_ode.flops import forward_flops_per_token, training_flops_per_token
 from svflow_ode.pretrained import from_pretrained, student
 from svflow_ode.training.data import CORPORA
 from svflow_ode.training.finetune import LitFineTune, run, teacher_path
@@ -121,6 +121,8 @@ def test_distillation_training_flops_count_the_teachers_forward_pass(gpt2):
     with torch.no_grad():
         nfe = module.model(torch.randint(0, 100, (1, 8))).stats.nfe
     assert module.training_flops_per_token(nfe) == 3 * forward_flops_per_token(module.model, nfe, 16) > 0
+    with pytest.raises(ValueError, match="FLOPs per token need the model's context"):
+        LitFineTune(MINILM, layers=(0, 2, 4), objective="both").training_flops_per_token(nfe)  # no context
 
 
 @pytest.mark.parametrize("arguments, error, message", [
@@ -165,6 +167,9 @@ def test_the_command_fits_resumes_and_tests_minilm(minilm_data, cli_in_tmp, tmp_
     costs = sweep.model_costs(ckpt, train_nfe=12.0)
     assert costs["method"] == "heun" and costs["steps"] == 3 and costs["context"] == 16
     assert costs["params"] == sum(p.numel() for p in cli.model.model.parameters())
+    # Its training FLOPs include the teacher's forward pass (the "both" objective distils).
+    student_only = training_flops_per_token(cli.model.model, 12.0, 16)
+    assert costs["train_flops_per_token"] == cli.model.training_flops_per_token(12.0) > student_only
 
 
 def train_losses(log_dir: Path) -> list[float]:

@@ -119,7 +119,7 @@ def test_bad_input_is_refused_in_one_line():
     sphere = manifolds.Sphere(1.0)
     with pytest.raises(ValueError, match="flow matching needs the exp and log maps of Stiefel"):
         FlowMatching(TangentField(), geoopt.Stiefel(), UniformSphere(3))
-    with pytest.raises(ValueError, match=r"lives on PoincareBall manifold \(curvature -1\), not on the flow's Sphere"):
+    with pytest.raises(ValueError, match=r"lives on PoincareBall manifold \(curvature -1.0\), not on the flow's Sphere"):
         FlowMatching(TangentField(), sphere, WrappedNormal(torch.zeros(3, dtype=F64), 1.0))
     x = sphere.projx(torch.randn(4, 3, dtype=F64))
     with pytest.raises(ValueError, match=r"need one time per point: t has shape \(3,\), points \(4, 3\)"):

@@ -178,6 +178,8 @@ class LitSVFlow(L.LightningModule):
     def training_flops_per_token(self, nfe: float) -> float:
         """Matmul FLOPs per token of a training step whose forward passes made ``nfe`` field
         evaluations (``svflow_ode.flops``: the forward and a backward costing twice as much)."""
+        if self.model.context is None:  # attention's cost grows with the span
+            raise ValueError("FLOPs per token need the model's context (the sequence length): set context")
         return training_flops_per_token(self.model, nfe, self.model.context)
 
     def lr_factor(self, step: int) -> float:
